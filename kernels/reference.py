@@ -1,0 +1,63 @@
+"""The math of every charlm op in plain PyTorch: the spec that the Triton kernels are tested against.
+
+These run on any device and are what the model uses with `model.kernels=torch` (the default).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x * rsqrt(mean(x*x, -1) + eps) * weight, statistics in fp32, output in x's dtype."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise."""
+    return F.silu(gate) * up
+
+
+def multihead_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    head_weights: torch.Tensor,
+    source: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Cross-entropy of H linear classifier heads in one batched computation.
+
+    hidden (S, N, D): S distinct hidden-state sources; weight (H, V, D) and bias (H, V): each head's classifier;
+    targets (H, N) int64, IGNORE_INDEX = no target; head_weights (H,); source (H,) int64: the row of `hidden`
+    that head h reads (default: arange, S == H).
+
+    reduction="sum": the scalar (fp32, or fp64 for fp64 inputs) sum_h head_weights[h] * mean over valid n of CE_h(n).
+    reduction="none": the (H,) per-head means, unweighted (for logging).
+    A head without any valid target contributes 0.
+    """
+    n_heads, n_pos = targets.shape
+    if source is None:
+        if hidden.shape[0] != n_heads:
+            raise ValueError(f"hidden has {hidden.shape[0]} sources for {n_heads} heads; pass `source`")
+        x = hidden
+    else:
+        x = hidden.index_select(0, source)
+    logits = torch.bmm(x, weight.transpose(1, 2))  # (H, N, V)
+    if bias is not None:
+        logits = logits + bias.unsqueeze(1)
+    acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 accumulation for bf16/fp16 inputs
+    nll = F.cross_entropy(logits.to(acc).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(n_heads, n_pos)
+    count = (targets != IGNORE_INDEX).sum(-1).clamp_min(1)
+    per_head = nll.sum(-1) / count
+    if reduction == "none":
+        return per_head
+    if reduction != "sum":
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    return (head_weights.to(acc) * per_head).sum()

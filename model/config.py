@@ -1,0 +1,63 @@
+"""The model's config: one dataclass, every field one architecture knob.
+
+Each field carries one trailing comment; `train.config` reads those comments for `--help` and the README's knob
+table, so keep them to one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 8  # attention heads per block (must divide d_model)
+    d_model: int = 512  # width of the residual stream
+    d_ff: int = 2048  # hidden width of the MLP (SwiGLU: width of each of its two input projections)
+    block_size: int = 512  # context length in bytes
+    vocab_size: int = 256  # bytes; fixed by the data
+    dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layer (pre-norm blocks)
+    bias: bool = True  # biases in linear layers, LayerNorm and classifier heads
+    activation: Literal["gelu", "relu", "solu", "swiglu"] = "gelu"  # MLP nonlinearity (solu = x*softmax(x) then LayerNorm)
+    pos_emb: Literal["learned", "learned_per_layer", "rope"] = "learned"  # positional scheme
+    residual_scale: Literal["none", "depth-scaled"] = "none"  # depth-scaled multiplies each branch by 1/sqrt(2*n_layer)
+    init: Literal["normal", "gpt2", "small"] = "normal"  # normal: N(0,0.02); gpt2: + output projections /sqrt(2L); small: N(0, sqrt(2/(5d)))
+    n_targets: int = 1  # final heads predicting t+1..t+n_targets (Al-Rfou et al.: 2)
+    target_weights: tuple[float, ...] = (1.0,)  # loss weight of each final head, one per target (paper: 1.0, 0.5)
+    intermediate_loss: bool = False  # a classifier after every block but the last; layer l's loss stops at l/(2n) of training
+    intermediate_weight: float = 1.0  # loss weight of each active intermediate head
+    tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def n_intermediate(self) -> int:
+        """Intermediate classifier heads: one after each block but the last."""
+        return self.n_layer - 1 if self.intermediate_loss else 0
+
+    def errors(self) -> list[str]:
+        """Every impossible combination, as one-line messages (empty when the config is sound)."""
+        out = []
+        for name in ("n_layer", "n_head", "d_model", "d_ff", "block_size", "n_targets"):
+            if getattr(self, name) < 1:
+                out.append(f"model.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.vocab_size != 256:
+            out.append(f"model.vocab_size must be 256 for byte-level data (got {self.vocab_size})")
+        if self.n_head >= 1 and self.d_model % self.n_head:
+            out.append(f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}")
+        elif self.pos_emb == "rope" and self.n_head >= 1 and self.head_dim % 2:
+            out.append(f"model.pos_emb=rope needs an even head dimension (d_model/n_head = {self.head_dim})")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"model.dropout must be in [0, 1) (got {self.dropout})")
+        if len(self.target_weights) != self.n_targets:
+            out.append(f"model.target_weights has {len(self.target_weights)} values but model.n_targets="
+                       f"{self.n_targets}; give one weight per target, e.g. --model.target_weights=1.0,0.5")
+        if any(w < 0 for w in self.target_weights) or self.intermediate_weight < 0:
+            out.append("loss weights must be >= 0")
+        if self.n_targets >= self.block_size:
+            out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
+        return out

@@ -1,0 +1,133 @@
+"""The byte-level transformer of Al-Rfou et al. 2018, with every knob of `ModelConfig`.
+
+Read top to bottom: classifier heads (all of them in one module), then the network. The auxiliary losses of the
+paper are heads: one after every block but the last (intermediate losses) and one per extra target t+k
+(multiple targets). All of them are scored in one batched computation (`kernels.reference.
+multihead_cross_entropy_ref`), the reference of the fused Triton op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
+from model.config import ModelConfig
+from model.layers import Block, LearnedPositions, make_norm
+
+
+def shifted_targets(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Targets of the t+k head from the next-byte targets y (B, T): position t predicts byte t+k, which is
+    y[:, t+k-1]; the last k-1 positions of a window have no such byte and are ignored."""
+    if k == 1:
+        return y
+    pad = y.new_full((y.shape[0], k - 1), IGNORE_INDEX)
+    return torch.cat([y[:, k - 1:], pad], dim=1)
+
+
+def head_weights(cfg: ModelConfig, progress: float) -> list[float]:
+    """Loss weight of every head at `progress` (fraction of training done, 0..1): intermediate heads first
+    (layer l = 1..n-1 counts while progress < l/(2n)), then the final t+1..t+K heads. Once every intermediate
+    head has stopped, only the final heads are returned, so the model skips the intermediate classifiers."""
+    inter = [cfg.intermediate_weight if progress < l / (2 * cfg.n_layer) else 0.0
+             for l in range(1, cfg.n_intermediate + 1)]
+    final = list(cfg.target_weights)
+    return inter + final if any(inter) else final
+
+
+class Heads(nn.Module):
+    """Every classifier: intermediate heads (one norm + linear per block but the last), the t+1 head and the extra
+    t+k heads. Weights are kept stacked (H, V, D) so the loss of all heads is one batched computation."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        V, D, K, L = cfg.vocab_size, cfg.d_model, cfg.n_targets, cfg.n_intermediate
+        self.n_targets, self.n_inter = K, L
+        self.main = nn.Parameter(torch.empty(V, D))  # t+1; replaced by the embedding when tied
+        self.extra = nn.Parameter(torch.empty(K - 1, V, D)) if K > 1 else None
+        self.inter = nn.Parameter(torch.empty(L, V, D)) if L else None
+        self.inter_norms = nn.ModuleList(make_norm(cfg, D) for _ in range(L))
+        self.bias = nn.Parameter(torch.zeros(L + K, V)) if cfg.bias else None
+        source = list(range(L)) + [L] * K  # head h reads this row of the stacked hidden states
+        self.register_buffer("source_all", torch.tensor(source), persistent=False)
+        self.register_buffer("source_final", torch.zeros(K, dtype=torch.long), persistent=False)
+
+    def weights(self, with_inter: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = ([self.inter] if with_inter and self.inter is not None else []) + [self.main[None]]
+        if self.extra is not None:
+            parts.append(self.extra)
+        bias = self.bias if self.bias is None or with_inter else self.bias[self.n_inter:]
+        return torch.cat(parts), bias
+
+    def main_logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = h @ self.main.t()
+        return logits if self.bias is None else logits + self.bias[self.n_inter]
+
+    def loss(self, inter_h: list[torch.Tensor], final_h: torch.Tensor, y: torch.Tensor, hw: torch.Tensor):
+        """inter_h: the intermediate hidden states (empty once they stopped); final_h (B, T, D); y (B, T).
+        Returns (weighted loss, per-head mean CE)."""
+        with_inter = bool(inter_h)
+        hidden = torch.stack([norm(h) for norm, h in zip(self.inter_norms, inter_h)] + [final_h])
+        weight, bias = self.weights(with_inter)
+        targets = [y] * len(inter_h) + [shifted_targets(y, k) for k in range(1, self.n_targets + 1)]
+        per_head = multihead_cross_entropy_ref(
+            hidden.flatten(1, 2), weight, torch.stack(targets).flatten(1), hw,
+            source=self.source_all if with_inter else self.source_final, bias=bias, reduction="none")
+        return (hw.float() * per_head).sum(), per_head.detach()
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = LearnedPositions(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg, cfg.d_model)
+        self.heads = Heads(cfg)
+        if cfg.tie_embeddings:
+            self.heads.main = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        cfg = self.cfg
+        std = math.sqrt(2 / (5 * cfg.d_model)) if cfg.init == "small" else 0.02
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        if cfg.init == "gpt2":
+            for block in self.blocks:
+                for proj in block.residual_projections():
+                    nn.init.normal_(proj.weight, std=std / math.sqrt(2 * cfg.n_layer))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                head_weights: torch.Tensor | None = None):
+        """idx (B, T) bytes. Without targets: the t+1 logits (B, T, V).
+        With next-byte targets (B, T): (loss, per_head). `head_weights` (from `head_weights()`) selects the heads:
+        n_inter + n_targets values score every head, n_targets values only the final ones; None scores the
+        t+1 head alone (evaluation)."""
+        if idx.shape[1] > self.cfg.block_size:
+            raise ValueError(f"sequence of {idx.shape[1]} bytes exceeds block_size={self.cfg.block_size}")
+        with_inter = head_weights is not None and len(head_weights) > self.cfg.n_targets
+        x = self.drop(self.pos_emb(self.tok_emb(idx)))
+        inter_h = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if with_inter and i < self.heads.n_inter:
+                inter_h.append(x)
+        h = self.norm_f(x)
+        if targets is None:
+            return self.heads.main_logits(h)
+        if head_weights is None:
+            loss = F.cross_entropy(self.heads.main_logits(h).float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX)
+            return loss, loss.detach()[None]
+        return self.heads.loss(inter_h, h, targets, head_weights)

@@ -1,0 +1,150 @@
+"""The swappable pieces of a block: norms, MLPs, positions, attention. Each variant is a small module chosen by a
+config field through a table, so the network in `gpt.py` never branches on knob values."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.reference import rmsnorm_ref, swiglu_ref
+from model.config import ModelConfig
+
+
+# ---------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rmsnorm_ref(x, self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=cfg.bias)
+
+
+# ---------------------------------------------------------------- MLPs
+class SoLU(nn.Module):
+    """Softmax linear unit (Elhage et al. 2022): x * softmax(x), then LayerNorm."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(x * torch.softmax(x, dim=-1))
+
+
+ACTIVATIONS = {"gelu": lambda d: nn.GELU(), "relu": lambda d: nn.ReLU(), "solu": SoLU}
+
+
+class MLP(nn.Module):
+    """fc -> activation -> proj."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.activation](cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+class SwiGLU(nn.Module):
+    """proj(silu(gate(x)) * up(x)) (Shazeer 2020); gate and up are d_ff wide each."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.proj(swiglu_ref(gate, up))
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    return SwiGLU(cfg) if cfg.activation == "swiglu" else MLP(cfg)
+
+
+# ---------------------------------------------------------------- positions
+class LearnedPositions(nn.Module):
+    """A learned table added to the residual stream: once at the input (pos_emb=learned) or at the input of
+    every block (pos_emb=learned_per_layer, as in Al-Rfou et al.)."""
+
+    def __init__(self, block_size: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(block_size, dim))
+
+    def forward(self, x):
+        return x + self.weight[: x.shape[1]]
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021) on queries and keys, half-split layout, base 10000."""
+
+    def __init__(self, head_dim: int, block_size: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, positions: torch.Tensor | None = None):
+        """x (B, H, T, hd); positions (T,) or None for 0..T-1."""
+        if positions is None:
+            cos, sin = self.cos[: x.shape[-2]], self.sin[: x.shape[-2]]
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- attention
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.rotary = Rotary(cfg.head_dim, cfg.block_size) if cfg.pos_emb == "rope" else None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+# ---------------------------------------------------------------- block
+class Block(nn.Module):
+    """Pre-norm transformer block: x += s*attn(norm(x)); x += s*mlp(norm(x)), s the residual scale."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pos = LearnedPositions(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned_per_layer" else None
+        self.norm1, self.attn = make_norm(cfg, cfg.d_model), CausalSelfAttention(cfg)
+        self.norm2, self.mlp = make_norm(cfg, cfg.d_model), make_mlp(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.scale = 1.0 / math.sqrt(2 * cfg.n_layer) if cfg.residual_scale == "depth-scaled" else 1.0
+
+    def forward(self, x):
+        if self.pos is not None:
+            x = self.pos(x)
+        x = x + self.scale * self.drop(self.attn(self.norm1(x)))
+        return x + self.scale * self.drop(self.mlp(self.norm2(x)))
+
+    def residual_projections(self) -> list[nn.Linear]:
+        """The layers that write into the residual stream (scaled down by init=gpt2)."""
+        return [self.attn.proj, self.mlp.proj]

@@ -1,0 +1,50 @@
+"""Shared fixtures: a small real-text corpus (the head of the gensim Wikipedia sample) and a tiny config."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.config import DataConfig, tiny
+from train.data import sample_path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def sample_file(tmp_path_factory) -> Path:
+    """The unpacked gensim sample (6,089,746 bytes), in a temporary data_dir."""
+    return sample_path(DataConfig(source="sample", data_dir=str(tmp_path_factory.mktemp("data"))))
+
+
+@pytest.fixture(scope="session")
+def small_corpus(sample_file, tmp_path_factory) -> Path:
+    """The first 200 kB of the sample: 180 kB train, 10 kB validation, 10 kB test."""
+    path = tmp_path_factory.mktemp("corpus") / "wiki200k.txt"
+    with open(sample_file, "rb") as f:
+        path.write_bytes(f.read(200_000))
+    return path
+
+
+def tiny_config(corpus: Path, out_dir: Path, **overrides):
+    """The tiny preset on `corpus`, with dotted overrides given as keyword arguments (model__n_layer=3)."""
+    from train.config import set_value
+    cfg = tiny()
+    cfg.data.source, cfg.out_dir = str(corpus), str(out_dir)
+    for key, value in overrides.items():
+        set_value(cfg, key.replace("__", "."), value)
+    return cfg
+
+
+def run_cli(*args: str, module: str = "train", env: dict | None = None, timeout: float = 300):
+    """Run `python -m <module> args...` from the repository root; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

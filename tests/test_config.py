@@ -1,0 +1,77 @@
+"""The typed config: presets, dotted overrides, one-line errors, and the knob table."""
+import re
+
+import pytest
+
+from conftest import REPO
+from train.config import (PRESETS, Config, ConfigError, from_dict, help_text, knob_table, parse_args, to_dict)
+
+
+def test_overrides_are_typed():
+    a = parse_args(["--preset=tiny", "--model.n_layer=3", "--train.lr", "1e-3", "--model.bias=false",
+                    "--model.n_targets=2", "--model.target_weights=1.0,0.5", "--train.max_steps=1e3",
+                    "--out_dir=runs/x", "--data.source=sample", "--resume"])
+    c = a.cfg
+    assert (c.model.n_layer, c.train.lr, c.model.bias, c.model.target_weights) == (3, 1e-3, False, (1.0, 0.5))
+    assert c.train.max_steps == 1000 and isinstance(c.train.max_steps, int)
+    assert c.out_dir == "runs/x" and c.data.source == "sample" and a.resume and a.preset == "tiny"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.n_layers=3"], "unknown config key 'model.n_layers' (did you mean 'model.n_layer'?)"),
+    (["--modle.n_layer=3"], "unknown config key 'modle.n_layer'"),
+    (["--model.n_layer=three"], "model.n_layer='three': expected an integer"),
+    (["--model.n_layer=2.5"], "expected an integer"),
+    (["--train.lr=fast"], "train.lr='fast': expected a number"),
+    (["--model.bias=maybe"], "expected true or false"),
+    (["--model.norm=batchnorm"], "expected one of layernorm | rmsnorm"),
+    (["--model.n_head=3"], "model.n_head=3 does not divide model.d_model=32"),
+    (["--train.lr=0"], "train.lr must be > 0"),
+    (["--train.lr=-1e-3"], "train.lr must be > 0"),
+    (["--train.batch_size=0"], "train.batch_size must be > 0"),
+    (["--train.max_steps=-5"], "train.max_steps must be >= 0"),
+    (["--train.max_steps=0"], "set train.max_steps or train.max_time"),
+    (["--model.n_targets=2"], "model.target_weights has 1 values but model.n_targets=2"),
+    (["--train.precision=bf16", "--train.device=cpu"], "train.precision=bf16 needs a CUDA device"),
+    (["--preset=huge"], "unknown preset 'huge'"),
+    (["model.n_layer=3"], "unexpected argument 'model.n_layer=3'"),
+    (["--model.n_layer"], "--model.n_layer needs a value"),
+    (["--model.dropout=1.5"], "model.dropout must be in [0, 1)"),
+    (["--model.pos_emb=rope", "--model.d_model=30", "--model.n_head=2"], "needs an even head dimension"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message):
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--preset=tiny", *argv] if not argv[0].startswith("--preset") else argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_and_round_trip_through_plain_data(name):
+    cfg = PRESETS[name]()
+    assert cfg.errors() == []
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_from_dict_rejects_unknown_keys():
+    d = to_dict(Config())
+    d["model"]["n_layerz"] = 2
+    with pytest.raises(ConfigError, match="unknown config key 'model.n_layerz'"):
+        from_dict(d)
+
+
+def test_every_knob_has_a_comment_and_a_row_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for key, _, comment in knob_table():
+        assert comment, f"{key} has no trailing comment in its dataclass"
+        assert re.search(rf"`{re.escape(key)}`", readme), f"{key} is missing from the README's knob table"
+        assert f"--{key}" in help_text()
+
+
+def test_the_issue_interface_names_exist():
+    names = {k for k, _, _ in knob_table()}
+    for key in ["model." + k for k in "n_layer n_head d_model d_ff block_size dropout norm bias activation pos_emb "
+                "residual_scale init n_targets target_weights intermediate_loss tie_embeddings".split()] + \
+            ["train." + k for k in "optimizer lr schedule warmup_steps batch_size grad_accum grad_clip max_steps "
+             "max_time precision compile seed log_interval eval_interval eval_batches full_eval_interval "
+             "ckpt_interval".split()] + ["data.source", "out_dir"]:
+        assert key in names

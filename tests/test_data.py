@@ -1,0 +1,94 @@
+"""Corpus resolution, splits, identity and batches."""
+import hashlib
+import io
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from train import data as data_mod
+from train.config import ConfigError, DataConfig
+from train.data import SAMPLE_BYTES, load_corpus, random_batch, split_bounds
+
+SAMPLE_SHA256 = "34c1c63050c87cc8477b9ae36b1cb0edf372612c92938b742e579a7109c20fa4"
+
+
+def test_enwik8_split_is_90m_5m_5m():
+    assert split_bounds(100_000_000, True) == {"train": (0, 90_000_000), "val": (90_000_000, 95_000_000),
+                                               "test": (95_000_000, 100_000_000)}
+
+
+def test_other_files_split_90_5_5_by_bytes(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes
+    c = load_corpus(DataConfig(source=str(path)))
+    assert c.bounds == {"train": (0, 9216), "val": (9216, 9728), "test": (9728, 10240)}
+    assert np.array_equal(np.concatenate([c.split(s) for s in ("train", "val", "test")]), np.fromfile(path, np.uint8))
+    assert c.data.dtype == np.uint8 and isinstance(c.data, np.memmap)
+
+
+def test_identity_names_the_whole_file(tmp_path):
+    path = tmp_path / "text.txt"
+    payload = b"hello world, " * 1000
+    path.write_bytes(payload)
+    ident = load_corpus(DataConfig(source=str(path))).identity
+    assert ident == {"name": "text.txt", "path": str(path), "bytes": len(payload),
+                     "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def test_sample_is_the_gensim_wikipedia_xml(tmp_path):
+    c = load_corpus(DataConfig(source="sample", data_dir=str(tmp_path)))
+    assert c.identity["name"] == "sample"
+    assert c.identity["bytes"] == SAMPLE_BYTES and c.identity["sha256"] == SAMPLE_SHA256
+    assert bytes(c.data[:10]) == b"<mediawiki"
+    assert c.bounds["val"] == (int(SAMPLE_BYTES * 0.9), int(SAMPLE_BYTES * 0.9) + int(SAMPLE_BYTES * 0.05))
+
+
+def test_enwik8_offline_falls_back_to_sample_loudly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data_mod, "ENWIK8_URL", "http://127.0.0.1:9/enwik8.zip")  # nothing listens there
+    c = load_corpus(DataConfig(source="enwik8", data_dir=str(tmp_path), download_timeout=5))
+    assert c.identity["name"] == "sample"
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "NOT comparable" in err
+
+
+def test_enwik8_zip_is_verified_and_unpacked(tmp_path, monkeypatch):
+    fake = bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("enwik8", fake)
+    (tmp_path / "enwik8.zip").write_bytes(buf.getvalue())
+    monkeypatch.setattr(data_mod, "ENWIK8_BYTES", len(fake))
+    with pytest.raises(ConfigError, match="not the official enwik8.zip"):
+        load_corpus(DataConfig(source="enwik8", data_dir=str(tmp_path)))
+    monkeypatch.setattr(data_mod, "ENWIK8_ZIP_SHA256", hashlib.sha256(buf.getvalue()).hexdigest())
+    monkeypatch.setattr(data_mod, "split_bounds", lambda n, is_enwik8: {"train": (0, 900), "val": (900, 950),
+                                                                       "test": (950, 1000)})
+    c = load_corpus(DataConfig(source="enwik8", data_dir=str(tmp_path)))
+    assert c.identity["name"] == "enwik8" and bytes(c.data) == fake
+    assert (tmp_path / "enwik8").read_bytes() == fake
+
+
+def test_missing_and_too_short_files_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data file not found"):
+        load_corpus(DataConfig(source=str(tmp_path / "nope.txt")))
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 500)
+    with pytest.raises(ConfigError, match="too short"):
+        load_corpus(DataConfig(source=str(short)), min_split_bytes=33)
+
+
+def test_random_batch_targets_are_inputs_shifted_and_shards_partition_the_global_batch():
+    split = np.frombuffer(bytes(range(256)) * 8, dtype=np.uint8)
+    x, y = random_batch(split, 6, 16, torch.Generator().manual_seed(3))
+    assert x.shape == y.shape == (6, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal((x + 1) % 256, y)
+    parts = [random_batch(split, 6, 16, torch.Generator().manual_seed(3), (r, 3)) for r in range(3)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_random_batch_reaches_both_ends_of_the_split():
+    split = np.arange(40, dtype=np.uint8)
+    x, y = random_batch(split, 4000, 8, torch.Generator().manual_seed(0))
+    assert int(x[:, 0].min()) == 0 and int(y[:, -1].max()) == 39

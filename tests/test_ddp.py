@@ -1,0 +1,34 @@
+"""torchrun + DistributedDataParallel: 2 CPU ranks on gloo train exactly like one process with the same global
+batch (every rank draws the same global batch and keeps its half)."""
+import pytest
+import torch
+
+from conftest import read_metrics, run_cli
+
+COMMON = ["--preset=tiny", "--train.max_steps=12", "--train.log_interval=1", "--train.eval_interval=6",
+          "--train.batch_size=4", "--model.intermediate_loss=true", "--model.n_layer=3"]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_ranks_match_one_process(small_corpus, tmp_path, accum):
+    args = COMMON + [f"--data.source={small_corpus}", f"--train.grad_accum={accum}"]
+    single = run_cli(*args, f"--out_dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr
+    ddp = run_cli("--standalone", "--nproc_per_node=2", "-m", "train", *args, f"--out_dir={tmp_path / 'ddp'}",
+                  module="torch.distributed.run", env={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr
+    a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert b[0]["world_size"] == 2 and a[0]["world_size"] == 1
+    steps_a = [l for l in a if "event" not in l]
+    steps_b = [l for l in b if "event" not in l]
+    assert [l["step"] for l in steps_a] == [l["step"] for l in steps_b] == list(range(1, 13))
+    for la, lb in zip(steps_a, steps_b):
+        assert abs(la["train_loss"] - lb["train_loss"]) < 1e-4 * la["train_loss"], (la, lb)
+        assert la["lr"] == lb["lr"]
+        if "val_bpc" in la:
+            assert abs(la["val_bpc"] - lb["val_bpc"]) < 1e-4 * la["val_bpc"]
+    assert abs(a[-1]["full_val_bpc"] - b[-1]["full_val_bpc"]) < 1e-4 * a[-1]["full_val_bpc"]
+    wa = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

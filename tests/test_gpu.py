@@ -1,0 +1,36 @@
+"""CUDA checks (ctest -L gpu; deselected on CPU CI with -m "not gpu"): bf16 autocast and torch.compile."""
+import math
+
+import pytest
+import torch
+
+from conftest import read_metrics, tiny_config
+from model import GPT, head_weights
+from train.config import Args, t12
+from train.loop import train
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_bf16_loss_tracks_fp32_on_t12():
+    cfg = t12().model
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda().eval()
+    x = torch.randint(0, 256, (4, cfg.block_size), device="cuda")
+    y = torch.randint(0, 256, (4, cfg.block_size), device="cuda")
+    hw = torch.tensor(head_weights(cfg, 0.0), device="cuda")
+    with torch.no_grad():
+        ref, _ = model(x, y, hw)
+        with torch.autocast("cuda", torch.bfloat16):
+            low, _ = model(x, y, hw)
+    assert low.dtype == torch.float32 and abs(float(low) - float(ref)) < 1e-2 * float(ref)
+
+
+def test_compiled_bf16_training_on_cuda(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, tmp_path / "run", train__precision="bf16", train__compile="true",
+                      train__device="cuda", model__intermediate_loss="true", model__n_layer="3")
+    final = train(Args(cfg, "tiny"))
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r and "event" not in r]
+    assert all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3]) - 0.9
+    assert math.isfinite(final["full_val_bpc"])

@@ -1,0 +1,49 @@
+"""Every knob value trains the tiny preset for a few steps with a finite, falling loss."""
+import math
+
+import pytest
+
+from conftest import read_metrics, tiny_config
+from train.config import Args
+from train.loop import train
+
+KNOBS = [
+    {"model__norm": "rmsnorm"},
+    {"model__bias": "false"},
+    {"model__activation": "relu"},
+    {"model__activation": "solu"},
+    {"model__activation": "swiglu"},
+    {"model__pos_emb": "learned_per_layer"},
+    {"model__pos_emb": "rope"},
+    {"model__residual_scale": "depth-scaled"},
+    {"model__init": "gpt2"},
+    {"model__init": "small"},
+    {"model__n_targets": "2", "model__target_weights": "1.0,0.5"},
+    {"model__intermediate_loss": "true", "model__n_layer": "3"},
+    {"model__tie_embeddings": "true"},
+    {"model__dropout": "0.1"},
+    {"model__n_head": "4", "model__d_model": "48", "model__d_ff": "96", "model__block_size": "24"},
+    {"train__optimizer": "adam"},
+    {"train__optimizer": "sgd", "train__lr": "0.05", "train__momentum": "0.9"},
+    {"train__optimizer": "ivon", "train__lr": "0.3"},
+    {"train__schedule": "constant"},
+    {"train__grad_accum": "2", "train__batch_size": "2"},
+    {"train__grad_clip": "0"},
+    {"train__weight_decay": "0"},
+    {"train__max_steps": "0", "train__max_time": "1.5"},
+    # compiled, across the recompile when the intermediate heads stop (at 2/6 of the run)
+    {"train__compile": "true", "model__intermediate_loss": "true", "model__n_layer": "3"},
+    {},  # the tiny preset as it is (layernorm, gelu, learned positions, adamw, cosine)
+]
+
+
+@pytest.mark.parametrize("overrides", KNOBS, ids=lambda o: ",".join(f"{k.replace('__', '.')}={v}"
+                                                                     for k, v in o.items()) or "defaults")
+def test_knob_trains_with_falling_loss(overrides, small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, tmp_path / "run", **overrides)
+    assert cfg.errors() == []
+    final = train(Args(cfg, "tiny"))
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r and "event" not in r]
+    assert len(losses) >= 8 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    assert math.isfinite(final["full_val_bpc"]) and final["full_val_bpc"] < 8.0

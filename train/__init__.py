@@ -1,0 +1,1 @@
+"""charlm's trainer: `python -m train` (training), `python -m train.evaluate`, `python -m train.sample`."""

@@ -1,0 +1,84 @@
+"""Checkpoints: plain data and tensors only (loaded with weights_only=True), written atomically.
+
+A checkpoint holds the model and optimiser state, the step, every RNG state, the full config as plain data, the
+dataset's identity and the git SHA of the code that wrote it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from model import GPT
+from train.config import Config, ConfigError, from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_sha() -> str:
+    """HEAD of the charlm checkout, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any moment
+    leaves either the previous checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on damaged files
+        raise ConfigError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})"[:300]) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ConfigError(f"{path} is not a charlm checkpoint")
+    return ckpt
+
+
+def check_same_architecture(saved: Config, current: Config, path: Path) -> None:
+    diff = [k for k, v in vars(saved.model).items() if getattr(current.model, k) != v]
+    if diff:
+        pairs = ", ".join(f"model.{k}: checkpoint {getattr(saved.model, k)!r} vs {getattr(current.model, k)!r}"
+                          for k in diff[:3])
+        raise ConfigError(f"checkpoint {path} is of another architecture ({pairs})")
+
+
+def load_model_state(model: GPT, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"checkpoint {path} does not fit this model: {' '.join(first[:2])}"[:300]) from None
+
+
+def model_from_checkpoint(path: Path, device: str = "cpu") -> tuple[GPT, Config, dict]:
+    """The model a checkpoint holds (eval mode), its config and the raw checkpoint."""
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(ckpt["config"])
+    model = GPT(cfg.model)
+    load_model_state(model, ckpt["model"], Path(path))
+    return model.to(device).eval(), cfg, ckpt

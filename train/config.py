@@ -1,0 +1,297 @@
+"""The run config: one typed dataclass per section, presets as plain functions, dotted CLI overrides.
+
+    python -m train --preset=cpu --model.n_layer=4 --train.lr=1e-3 --data.source=sample --out_dir=runs/a
+
+Every field carries one trailing comment, which `--help` and the README's knob table show. Unknown keys, ill-typed
+values and impossible combinations raise `ConfigError` with a one-line message before anything is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import torch
+
+from model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A bad config, CLI argument or input file: reported as one line, nothing allocated or written."""
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adamw", "adam", "sgd", "ivon"] = "adamw"  # adamw | adam (L2 decay) | sgd (momentum) | ivon (ivon-opt)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine schedule ends at lr * min_lr_ratio
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine decay over the run, or constant
+    warmup_steps: int = 100  # linear warmup from 0 over this many optimiser steps
+    weight_decay: float = 0.1  # on matrices and embeddings only (not biases or norms)
+    beta1: float = 0.9  # Adam/IVON first-moment decay
+    beta2: float = 0.99  # Adam second-moment decay
+    momentum: float = 0.99  # sgd momentum (Al-Rfou et al.: 0.99)
+    ivon_ess: float = 0.0  # ivon effective sample size; 0 = bytes in the training split
+    ivon_hess_init: float = 1e-2  # ivon initial Hessian estimate (ivon wants a large lr, e.g. 0.2-0.5)
+    batch_size: int = 16  # sequences per micro-step, global (split evenly across ranks)
+    grad_accum: int = 1  # micro-steps per optimiser step
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    max_steps: int = 10000  # optimiser steps; 0 = no step limit (then max_time must be set)
+    max_time: float = 0.0  # wall-clock budget in seconds for the training loop; 0 = no time limit
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast to bfloat16 (CUDA only)
+    compile: bool = False  # torch.compile the model
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    seed: int = 1337  # seeds parameters, data sampling and dropout
+    log_interval: int = 10  # steps between metrics lines
+    eval_interval: int = 250  # steps between running validations on eval_batches random batches; 0 = never
+    eval_batches: int = 20  # batches (of batch_size windows) per running validation
+    full_eval_interval: int = 10000  # steps between full validations over the whole split (and at the end); 0 = only at the end
+    ckpt_interval: int = 1000  # steps between checkpoints (and at the end)
+
+
+@dataclass
+class DataConfig:
+    source: str = "enwik8"  # enwik8 | sample (Wikipedia XML shipped with gensim) | path to any file
+    data_dir: str = "data"  # where enwik8 and the unpacked sample are kept
+    download_timeout: float = 20.0  # seconds before an enwik8 download gives up and falls back to sample
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = ""  # run directory; empty = runs/<preset>-<date>-<time>
+
+    def errors(self) -> list[str]:
+        t = self.train
+        out = list(self.model.errors())
+        for name in ("lr", "batch_size", "grad_accum", "log_interval", "eval_batches"):
+            if getattr(t, name) <= 0:
+                out.append(f"train.{name} must be > 0 (got {getattr(t, name)})")
+        for name in ("max_steps", "max_time", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
+                     "full_eval_interval", "ckpt_interval", "ivon_ess"):
+            if getattr(t, name) < 0:
+                out.append(f"train.{name} must be >= 0 (got {getattr(t, name)})")
+        if t.max_steps == 0 and t.max_time == 0:
+            out.append("set train.max_steps or train.max_time (both are 0: the run would never stop)")
+        if not 0 <= t.min_lr_ratio <= 1:
+            out.append(f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
+        if t.precision == "bf16" and not uses_cuda(t):
+            out.append("train.precision=bf16 needs a CUDA device; CPU runs train in fp32")
+        if t.device == "cuda" and not torch.cuda.is_available():
+            out.append("train.device=cuda but no CUDA device is available")
+        return out
+
+
+def uses_cuda(t: TrainConfig) -> bool:
+    return t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+
+
+# ------------------------------------------------------------------------------------------------ presets
+def tiny() -> Config:
+    """Seconds on a CPU: for tests and smoke runs."""
+    return Config(
+        model=ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, block_size=32),
+        train=TrainConfig(lr=3e-3, warmup_steps=5, batch_size=4, max_steps=30, log_interval=1, eval_interval=10,
+                          eval_batches=2, ckpt_interval=10),
+        data=DataConfig(source="sample"))
+
+
+def cpu() -> Config:
+    """The best validation bpc measured in a 5-minute budget on 2 CPU cores (see README, 'CPU preset')."""
+    return Config(
+        model=ModelConfig(n_layer=4, n_head=4, d_model=256, d_ff=1024, block_size=256, pos_emb="rope"),
+        train=TrainConfig(lr=2e-3, warmup_steps=50, batch_size=16, max_steps=0, max_time=300.0, log_interval=10,
+                          eval_interval=100, eval_batches=8, full_eval_interval=0, ckpt_interval=500))
+
+
+def t12() -> Config:
+    """Al-Rfou et al. 2018, T12 (12 layers, d_model 512, context 512, ~44M parameters with its auxiliary heads).
+    Values the paper gives: layers, widths, context, per-layer learned positions, auxiliary losses (intermediate
+    layers, t+2 target at weight 0.5), momentum 0.99 at a fixed lr 0.003, batch 16. Values it leaves open for
+    T12 and chosen here: n_head 8, ReLU MLP, pre-norm LayerNorm, dropout 0.55 (its T64 value), max_steps."""
+    cuda = torch.cuda.is_available()
+    return Config(
+        model=ModelConfig(n_layer=12, n_head=8, d_model=512, d_ff=2048, block_size=512, dropout=0.55,
+                          activation="relu", pos_emb="learned_per_layer", n_targets=2, target_weights=(1.0, 0.5),
+                          intermediate_loss=True),
+        train=TrainConfig(optimizer="sgd", lr=0.003, momentum=0.99, schedule="constant", warmup_steps=0,
+                          weight_decay=0.0, grad_clip=0.0, batch_size=16, max_steps=400_000, log_interval=100,
+                          eval_interval=1000, eval_batches=50, full_eval_interval=10_000, ckpt_interval=5000,
+                          precision="bf16" if cuda else "fp32", compile=cuda))
+
+
+PRESETS = {"tiny": tiny, "cpu": cpu, "t12": t12}
+
+
+def default_preset() -> str:
+    return "t12" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------ typed values
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    """Turn a CLI string (or a JSON value) into `typ`, or raise ConfigError naming the key."""
+    def bad(why: str):
+        return ConfigError(f"{key}={value!r}: {why}")
+
+    if get_origin(typ) is Literal:
+        choices = get_args(typ)
+        if value not in choices:
+            raise bad("expected one of " + " | ".join(choices))
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise bad("expected true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad("expected an integer")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad("expected an integer") from None
+        if not f.is_integer():
+            raise bad("expected an integer")
+        return int(f)
+    if typ is float:
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise bad("expected a number") from None
+        if f != f or f in (float("inf"), float("-inf")):
+            raise bad("expected a finite number")
+        return f
+    if get_origin(typ) is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(key, float, v) for v in items if str(v).strip() != "")
+    if typ is str:
+        if not isinstance(value, str):
+            raise bad("expected a string")
+        return value
+    raise bad(f"unsupported type {typ}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _all_keys() -> list[str]:
+    keys = [f"{s}.{k}" for s, cls in SECTIONS.items() for k in _field_types(cls)]
+    return keys + ["out_dir"]
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else "; see python -m train --help"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key, typed by its dataclass annotation."""
+    if key == "out_dir":
+        cfg.out_dir = _coerce(key, str, value)
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or name not in _field_types(SECTIONS[section]):
+        raise _unknown(key)
+    setattr(getattr(cfg, section), name, _coerce(key, _field_types(SECTIONS[section])[name], value))
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain JSON-able data, one object per section."""
+    d = dataclasses.asdict(cfg)
+    d["model"]["target_weights"] = list(cfg.model.target_weights)
+    return d
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of to_dict; unknown keys are rejected."""
+    cfg = Config()
+    for key, value in d.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{key}' must be an object")
+            for name, v in value.items():
+                set_value(cfg, f"{key}.{name}", v)
+        else:
+            set_value(cfg, key, value)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@dataclass
+class Args:
+    cfg: Config
+    preset: str
+    resume: bool = False
+    overwrite: bool = False
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+FLAGS = ("resume", "overwrite")
+
+
+def parse_args(argv: list[str]) -> Args:
+    """`[--preset=NAME] [--resume] [--overwrite] [--section.field=value ...]`. Raises ConfigError."""
+    pairs, flags, i = [], set(), 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument '{arg}'; options look like --section.field=value")
+        key, eq, value = arg[2:].partition("=")
+        if key in FLAGS and not eq:
+            flags.add(key)
+        elif eq:
+            pairs.append((key, value))
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            pairs.append((key, argv[i + 1]))
+            i += 1
+        else:
+            raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
+        i += 1
+    presets = [v for k, v in pairs if k == "preset"]
+    preset = presets[-1] if presets else default_preset()
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    overrides = {}
+    for key, value in pairs:
+        if key != "preset":
+            set_value(cfg, key, value)
+            overrides[key] = value
+    problems = cfg.errors()
+    if problems:
+        raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))
+    return Args(cfg, preset, "resume" in flags, "overwrite" in flags, overrides)
+
+
+def knob_table() -> list[tuple[str, str, str]]:
+    """(key, default, comment) for every field, read from the trailing comments of the dataclasses."""
+    rows = []
+    for section, cls in list(SECTIONS.items()) + [("", Config)]:
+        comments = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+        defaults = dataclasses.asdict(cls()) if section else {"out_dir": ""}
+        for name in _field_types(cls) if section else ["out_dir"]:
+            key = f"{section}.{name}" if section else name
+            rows.append((key, repr(defaults[name]), comments.get(name, "")))
+    return rows
+
+
+def help_text() -> str:
+    lines = ["usage: python -m train [--preset=NAME] [--resume] [--overwrite] [--section.field=value ...]",
+             f"presets: {', '.join(PRESETS)} (default: {default_preset()} on this machine)", "", "knobs:"]
+    width = max(len(k) for k, _, _ in knob_table())
+    lines += [f"  --{k:<{width}}  {c} [default {d}]" for k, d, c in knob_table()]
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Exact strided evaluation of a checkpoint: bits per byte over every byte of a split.
+
+    python -m train.evaluate --ckpt runs/a/ckpt.pt [--data.source=...] [--split val|test|all] [--stride N]
+                             [--max_bytes N] [--batch_size N] [--device auto|cpu|cuda]
+
+Protocol `strided`: the split's bytes [a, b) are cut into chunks of `stride` targets. Chunk [c0, c1) is scored by
+one window of the byte stream ending at c1 and at most block_size + 1 bytes long (block_size inputs); only its
+last c1 - c0 predictions count. So every byte of the split is scored exactly once, each with the longest context
+its window gives (at least block_size - stride + 1 bytes once past the start of the file; stride = block_size:
+non-overlapping windows). Context may reach into the bytes that precede the split in the file; byte 0 of the
+file, which has no context, is never a target. The last line of stdout is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train.config import ConfigError, DataConfig
+
+
+def plan_windows(a: int, b: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(w0, w1, c0) per window: bytes [w0, w1) of the file, targets c0..w1-1 scored."""
+    if not 1 <= stride <= block_size:
+        raise ConfigError(f"stride must be in [1, block_size={block_size}] (got {stride})")
+    plan = []
+    for c0 in range(max(a, 1), b, stride):
+        c1 = min(c0 + stride, b)
+        plan.append((max(0, c1 - block_size - 1), c1, c0))
+    return plan
+
+
+@torch.no_grad()
+def evaluate_bytes(model, data: np.ndarray, a: int, b: int, block_size: int, stride: int, batch_size: int = 16,
+                   device: str = "cpu", autocast=nullcontext, progress: bool = True,
+                   shard: tuple[int, int] = (0, 1)) -> dict:
+    """Sum of next-byte NLL (nats) over targets [a, b) of `data` with the strided protocol. Windows are sharded
+    round-robin across ranks (shard = (rank, world)) and the sums all-reduced."""
+    was_training = model.training
+    model.eval()
+    plan = plan_windows(a, b, block_size, stride)[shard[0]::shard[1]]
+    nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    by_length: dict[int, list] = {}
+    for w in plan:
+        by_length.setdefault(w[1] - w[0], []).append(w)
+    bar = tqdm(total=len(plan), desc="eval", unit="win", disable=not progress, leave=False, file=sys.stderr)
+    for length, windows in by_length.items():
+        for i in range(0, len(windows), batch_size):
+            group = windows[i:i + batch_size]
+            rows = torch.from_numpy(np.stack([data[w0:w1] for w0, w1, _ in group]).astype(np.int64)).to(device)
+            with autocast():
+                logits = model(rows[:, :-1])
+            losses = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")  # (B, L-1)
+            n_scored = torch.tensor([w1 - c0 for _, w1, c0 in group], device=device)
+            keep = torch.arange(length - 1, device=device)[None, :] >= (length - 1 - n_scored)[:, None]
+            nll += (losses.double() * keep).sum()
+            count += int(n_scored.sum())
+            bar.update(len(group))
+    bar.close()
+    model.train(was_training)
+    if shard[1] > 1:
+        total = torch.stack([nll, torch.tensor(float(count), dtype=torch.float64, device=device)])
+        dist.all_reduce(total)
+        nll, count = total[0], int(total[1].item())
+    nll = float(nll)
+    return {"bpc": nll / max(count, 1) / math.log(2), "bytes": count, "nll_nats": nll}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.checkpoint import model_from_checkpoint
+    from train.data import load_corpus
+
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint written by python -m train")
+    p.add_argument("--data.source", dest="source", help="corpus (default: the checkpoint's)")
+    p.add_argument("--data.data_dir", dest="data_dir", help="data folder (default: the checkpoint's)")
+    p.add_argument("--split", default="test", choices=["val", "test", "all"], help="all = val and test")
+    p.add_argument("--stride", type=int, default=0, help="bytes between windows (default: block_size)")
+    p.add_argument("--max_bytes", type=int, default=0, help="score only the first N bytes of each split")
+    p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+    try:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model, cfg, ckpt = model_from_checkpoint(args.ckpt, device)
+        data_cfg = DataConfig(**{**vars(cfg.data), **{k: v for k, v in (("source", args.source),
+                                                                        ("data_dir", args.data_dir)) if v}})
+        corpus = load_corpus(data_cfg)
+        block = cfg.model.block_size
+        stride = args.stride or block
+        if args.max_bytes < 0 or args.batch_size < 1:
+            raise ConfigError("--max_bytes must be >= 0 and --batch_size >= 1")
+        splits = ["val", "test"] if args.split == "all" else [args.split]
+        autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if (
+            device == "cuda" and cfg.train.precision == "bf16") else nullcontext
+        t0, results = time.time(), {}
+        for name in splits:
+            a, b = corpus.bounds[name]
+            if args.max_bytes:
+                b = min(b, a + args.max_bytes)
+            results[name] = evaluate_bytes(model, corpus.data, a, b, block, stride, args.batch_size, device, autocast)
+            print(f"{name}: {results[name]['bpc']:.4f} bpc over {results[name]['bytes']:,} bytes", file=sys.stderr)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    nll, n = sum(r["nll_nats"] for r in results.values()), sum(r["bytes"] for r in results.values())
+    out = {"bpc": nll / n / math.log(2), "bytes": n, "protocol": "strided", "block_size": block, "stride": stride,
+           "split": args.split, "seconds": round(time.time() - t0, 3), "splits": results,
+           "checkpoint": str(args.ckpt), "step": ckpt.get("step"), "dataset": corpus.identity}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Optimisers and the learning-rate schedule, chosen by `train.optimizer` and `train.schedule`."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from train.config import ConfigError, TrainConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings (dim >= 2), none on biases and norm gains."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, train_bytes: int) -> torch.optim.Optimizer:
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    try:
+        import ivon
+    except ImportError:
+        raise ConfigError("train.optimizer=ivon needs the ivon-opt package: pip install ivon-opt") from None
+    return ivon.IVON(groups, lr=t.lr, ess=t.ivon_ess or float(train_bytes), hess_init=t.ivon_hess_init,
+                     beta1=t.beta1)
+
+
+def sampling(optimizer: torch.optim.Optimizer):
+    """Context for the forward/backward passes of one step: IVON draws its weight sample here; others: nothing."""
+    sampled = getattr(optimizer, "sampled_params", None)
+    return sampled(train=True) if sampled is not None else nullcontext()
+
+
+def lr_at(t: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then constant or cosine decay to lr*min_lr_ratio as progress (the
+    fraction of the step or time budget spent, 0..1) goes to 1."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))

@@ -1,0 +1,74 @@
+"""Generate bytes from a checkpoint.
+
+    python -m train.sample --ckpt runs/a/ckpt.pt [--prompt TEXT] [--tokens N] [--temperature T] [--top_k K]
+                           [--seed S] [--device auto|cpu|cuda]
+
+Each new byte recomputes the model over the last block_size bytes. Invalid UTF-8 is shown with replacement
+characters; the bytes themselves are kept exact.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from train.config import ConfigError
+
+
+@torch.no_grad()
+def generate(model, prompt: bytes, n_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             generator: torch.Generator | None = None, progress: bool = False) -> bytes:
+    """Append n_tokens sampled bytes to prompt (temperature 0 = greedy)."""
+    device = next(model.parameters()).device
+    block = model.cfg.block_size
+    seq = torch.tensor(list(prompt) or [ord("\n")], dtype=torch.long, device=device)[None]
+    for _ in tqdm(range(n_tokens), desc="sampling", unit="B", disable=not progress, file=sys.stderr):
+        logits = model(seq[:, -block:])[:, -1].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, -1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
+        seq = torch.cat([seq, nxt], dim=1)
+    return bytes(seq[0, -n_tokens:].tolist()) if n_tokens else b""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.checkpoint import model_from_checkpoint
+
+    p = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--prompt", default="", help="text to continue (UTF-8)")
+    p.add_argument("--tokens", type=int, default=500, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely bytes; 0 = all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+    try:
+        if args.tokens < 0 or args.temperature < 0 or args.top_k < 0:
+            raise ConfigError("--tokens, --temperature and --top_k must be >= 0")
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model, _, _ = model_from_checkpoint(args.ckpt, device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompt = args.prompt.encode("utf-8")
+    t0 = time.time()
+    out = generate(model, prompt, args.tokens, args.temperature, args.top_k,
+                   torch.Generator().manual_seed(args.seed), progress=sys.stderr.isatty())
+    dt = time.time() - t0
+    sys.stdout.write((prompt + out).decode("utf-8", errors="replace") + "\n")
+    print(f"[{args.tokens} bytes in {dt:.2f} s: {args.tokens / max(dt, 1e-9):.1f} bytes/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
