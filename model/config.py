@@ -21,7 +21,7 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layer (pre-norm blocks)
     bias: bool = True  # biases in linear layers, LayerNorm and classifier heads
     activation: Literal["gelu", "relu", "solu", "swiglu"] = "gelu"  # MLP nonlinearity (solu = x*softmax(x) then LayerNorm)
-    pos_emb: Literal["learned", "learned_per_layer", "rope"] = "learned"  # positional scheme
+    pos_emb: Literal["learned", "learned_per_layer", "rope"] = "learned"  # learned (once, at the input) | learned_per_layer (every block) | rope
     residual_scale: Literal["none", "depth-scaled"] = "none"  # depth-scaled multiplies each branch by 1/sqrt(2*n_layer)
     init: Literal["normal", "gpt2", "small"] = "normal"  # normal: N(0,0.02); gpt2: + output projections /sqrt(2L); small: N(0, sqrt(2/(5d)))
     n_targets: int = 1  # final heads predicting t+1..t+n_targets (Al-Rfou et al.: 2)

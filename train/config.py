@@ -40,7 +40,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimiser step
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
     max_steps: int = 10000  # optimiser steps; 0 = no step limit (then max_time must be set)
-    max_time: float = 0.0  # wall-clock budget in seconds for the training loop; 0 = no time limit
+    max_time: float = 0.0  # training budget in seconds (evaluation and checkpoint time not counted); 0 = no time limit
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast to bfloat16 (CUDA only)
     compile: bool = False  # torch.compile the model
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available

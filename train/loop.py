@@ -57,9 +57,10 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def prepare_out_dir(args: Args) -> tuple[Path, dict | None]:
+def prepare_out_dir(args: Args, main: bool) -> tuple[Path, dict | None]:
     """Resolve the run folder; with --resume load its checkpoint and adopt its config (plus CLI overrides).
-    Refuse a folder that holds another run unless --resume or --overwrite. Writes nothing."""
+    The main rank refuses a folder that holds another run unless --resume or --overwrite (other ranks write
+    nothing there and skip the check, which could otherwise see the main rank's fresh files)."""
     cfg = args.cfg
     if not cfg.out_dir:
         cfg.out_dir = f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -76,7 +77,7 @@ def prepare_out_dir(args: Args) -> tuple[Path, dict | None]:
         resumed.out_dir = str(out)
         args.cfg = resumed
         return out, ckpt
-    if (out / "metrics.jsonl").exists() or (out / "ckpt.pt").exists():
+    if main and ((out / "metrics.jsonl").exists() or (out / "ckpt.pt").exists()):
         if not args.overwrite:
             raise ConfigError(f"{out} holds another run; pass --resume to continue it or --overwrite to replace it")
         for name in ("metrics.jsonl", "ckpt.pt", "config.json"):
@@ -103,7 +104,7 @@ def running_val_bpc(model: GPT, corpus: Corpus, cfg, dd: Distributed, device, au
 
 def train(args: Args) -> dict:
     """Run training as configured; returns the final summary (also the last line of metrics.jsonl)."""
-    out, ckpt = prepare_out_dir(args)
+    out, ckpt = prepare_out_dir(args, main=int(os.environ.get("RANK", "0")) == 0)
     cfg = args.cfg
     t, m = cfg.train, cfg.model
     cuda = uses_cuda(t)
