@@ -23,6 +23,19 @@ CANDIDATES = {
                          "--model.block_size=128", "--train.batch_size=32"],
     "L4-d128-T128-B32": ["--model.n_layer=4", "--model.d_model=128", "--model.n_head=2", "--model.d_ff=512",
                          "--model.block_size=128", "--train.batch_size=32"],
+    # round 2: learning rate, batch and width around the round-1 winners
+    "L3-d192-T128-B32-lr4e-3": ["--model.n_layer=3", "--model.d_model=192", "--model.n_head=3",
+                                "--model.d_ff=768", "--model.block_size=128", "--train.batch_size=32",
+                                "--train.lr=4e-3"],
+    "L3-d192-T128-B16-lr3e-3": ["--model.n_layer=3", "--model.d_model=192", "--model.n_head=3",
+                                "--model.d_ff=768", "--model.block_size=128", "--train.batch_size=16",
+                                "--train.lr=3e-3"],
+    "L2-d256-T128-B32-lr3e-3": ["--model.n_layer=2", "--model.d_model=256", "--model.n_head=4",
+                                "--model.d_ff=1024", "--model.block_size=128", "--train.batch_size=32",
+                                "--train.lr=3e-3"],
+    "L4-d128-T128-B32-lr4e-3": ["--model.n_layer=4", "--model.d_model=128", "--model.n_head=2",
+                                "--model.d_ff=512", "--model.block_size=128", "--train.batch_size=32",
+                                "--train.lr=4e-3"],
 }
 
 
