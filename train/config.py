@@ -104,9 +104,9 @@ def tiny() -> Config:
 def cpu() -> Config:
     """The best validation bpc measured in a 5-minute budget on 2 CPU cores (see README, 'CPU preset')."""
     return Config(
-        model=ModelConfig(n_layer=4, n_head=4, d_model=256, d_ff=1024, block_size=256, pos_emb="rope"),
-        train=TrainConfig(lr=2e-3, warmup_steps=50, batch_size=16, max_steps=0, max_time=300.0, log_interval=10,
-                          eval_interval=100, eval_batches=8, full_eval_interval=0, ckpt_interval=500))
+        model=ModelConfig(n_layer=4, n_head=2, d_model=128, d_ff=512, block_size=128, pos_emb="rope"),
+        train=TrainConfig(lr=4e-3, warmup_steps=50, batch_size=32, max_steps=0, max_time=300.0, log_interval=10,
+                          eval_interval=200, eval_batches=8, full_eval_interval=0, ckpt_interval=500))
 
 
 def t12() -> Config:
