@@ -12,30 +12,25 @@ import sys
 import time
 from pathlib import Path
 
+
+def shape(n_layer: int, d_model: int, block: int, batch: int, lr: float | None = None) -> list[str]:
+    """Overrides for one candidate: 64-wide heads, d_ff = 4 d_model; lr None keeps the preset's."""
+    args = [f"--model.n_layer={n_layer}", f"--model.d_model={d_model}", f"--model.n_head={d_model // 64}",
+            f"--model.d_ff={4 * d_model}", f"--model.block_size={block}", f"--train.batch_size={batch}"]
+    return args + ([f"--train.lr={lr}"] if lr else [])
+
+
+# round 1 ran at lr 2e-3 (the preset's lr then), round 2 around the round-1 winners
 CANDIDATES = {
-    "L4-d256-T256": ["--model.n_layer=4", "--model.d_model=256", "--model.n_head=4", "--model.d_ff=1024",
-                     "--model.block_size=256"],
-    "L4-d256-T128-B32": ["--model.n_layer=4", "--model.d_model=256", "--model.n_head=4", "--model.d_ff=1024",
-                         "--model.block_size=128", "--train.batch_size=32"],
-    "L3-d192-T128-B32": ["--model.n_layer=3", "--model.d_model=192", "--model.n_head=3", "--model.d_ff=768",
-                         "--model.block_size=128", "--train.batch_size=32"],
-    "L6-d192-T128-B32": ["--model.n_layer=6", "--model.d_model=192", "--model.n_head=3", "--model.d_ff=768",
-                         "--model.block_size=128", "--train.batch_size=32"],
-    "L4-d128-T128-B32": ["--model.n_layer=4", "--model.d_model=128", "--model.n_head=2", "--model.d_ff=512",
-                         "--model.block_size=128", "--train.batch_size=32"],
-    # round 2: learning rate, batch and width around the round-1 winners
-    "L3-d192-T128-B32-lr4e-3": ["--model.n_layer=3", "--model.d_model=192", "--model.n_head=3",
-                                "--model.d_ff=768", "--model.block_size=128", "--train.batch_size=32",
-                                "--train.lr=4e-3"],
-    "L3-d192-T128-B16-lr3e-3": ["--model.n_layer=3", "--model.d_model=192", "--model.n_head=3",
-                                "--model.d_ff=768", "--model.block_size=128", "--train.batch_size=16",
-                                "--train.lr=3e-3"],
-    "L2-d256-T128-B32-lr3e-3": ["--model.n_layer=2", "--model.d_model=256", "--model.n_head=4",
-                                "--model.d_ff=1024", "--model.block_size=128", "--train.batch_size=32",
-                                "--train.lr=3e-3"],
-    "L4-d128-T128-B32-lr4e-3": ["--model.n_layer=4", "--model.d_model=128", "--model.n_head=2",
-                                "--model.d_ff=512", "--model.block_size=128", "--train.batch_size=32",
-                                "--train.lr=4e-3"],
+    "L4-d256-T256": shape(4, 256, 256, 16, 2e-3),
+    "L4-d256-T128-B32": shape(4, 256, 128, 32, 2e-3),
+    "L3-d192-T128-B32": shape(3, 192, 128, 32, 2e-3),
+    "L6-d192-T128-B32": shape(6, 192, 128, 32, 2e-3),
+    "L4-d128-T128-B32": shape(4, 128, 128, 32, 2e-3),
+    "L3-d192-T128-B32-lr4e-3": shape(3, 192, 128, 32, 4e-3),
+    "L3-d192-T128-B16-lr3e-3": shape(3, 192, 128, 16, 3e-3),
+    "L2-d256-T128-B32-lr3e-3": shape(2, 256, 128, 32, 3e-3),
+    "L4-d128-T128-B32-lr4e-3": shape(4, 128, 128, 32, 4e-3),
 }
 
 
