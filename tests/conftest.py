@@ -48,3 +48,26 @@ def run_cli(*args: str, module: str = "train", env: dict | None = None, timeout:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_corpus, tmp_path_factory):
+    """A finished 20-step run of the tiny preset through the CLI: (run folder, CompletedProcess)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    r = run_cli("--preset=tiny", f"--data.source={small_corpus}", f"--out_dir={out}", "--train.max_steps=20",
+                "--train.log_interval=5", "--train.eval_interval=10")
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file below folder with its bytes: to check that a failed command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}

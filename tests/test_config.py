@@ -18,30 +18,25 @@ def test_overrides_are_typed():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model.n_layers=3"], "unknown config key 'model.n_layers' (did you mean 'model.n_layer'?)"),
     (["--modle.n_layer=3"], "unknown config key 'modle.n_layer'"),
+    (["--train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
+    (["--train.grad_accum=0"], "train.grad_accum must be > 0"),
+    (["--train.min_lr_ratio=2"], "train.min_lr_ratio must be in [0, 1]"),
+    (["--train.optimizer=ivon", "--train.skip_nonfinite=true"], "train.optimizer=ivon works with neither"),
     (["--model.n_layer=three"], "model.n_layer='three': expected an integer"),
     (["--model.n_layer=2.5"], "expected an integer"),
-    (["--train.lr=fast"], "train.lr='fast': expected a number"),
     (["--model.bias=maybe"], "expected true or false"),
     (["--model.norm=batchnorm"], "expected one of layernorm | rmsnorm"),
-    (["--model.n_head=3"], "model.n_head=3 does not divide model.d_model=32"),
-    (["--train.lr=0"], "train.lr must be > 0"),
-    (["--train.lr=-1e-3"], "train.lr must be > 0"),
-    (["--train.batch_size=0"], "train.batch_size must be > 0"),
-    (["--train.max_steps=-5"], "train.max_steps must be >= 0"),
-    (["--train.max_steps=0"], "set train.max_steps or train.max_time"),
     (["--model.n_targets=2"], "model.target_weights has 1 values but model.n_targets=2"),
-    (["--train.precision=bf16", "--train.device=cpu"], "train.precision=bf16 needs a CUDA device"),
-    (["--preset=huge"], "unknown preset 'huge'"),
     (["model.n_layer=3"], "unexpected argument 'model.n_layer=3'"),
     (["--model.n_layer"], "--model.n_layer needs a value"),
     (["--model.dropout=1.5"], "model.dropout must be in [0, 1)"),
     (["--model.pos_emb=rope", "--model.d_model=30", "--model.n_head=2"], "needs an even head dimension"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message):
+    """More cases than tests/test_bad_input.py, which runs the README's catalogue through the CLI."""
     with pytest.raises(ConfigError) as e:
-        parse_args(["--preset=tiny", *argv] if not argv[0].startswith("--preset") else argv)
+        parse_args(["--preset=tiny", *argv])
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

@@ -1,4 +1,5 @@
 """python -m train [--preset=NAME] [--resume] [--overwrite] [--section.field=value ...]"""
+import signal
 import sys
 
 from train.config import ConfigError, help_text, parse_args
@@ -10,12 +11,20 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         args = parse_args(argv)
+        from train.guard import TrainingError
         from train.loop import train  # imported after parsing: a bad argument costs no startup time
-        train(args)
+        try:
+            final = train(args)
+        except TrainingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # a second Ctrl-C while the first was being honoured
+            print("error: interrupted twice: exiting at once, without a checkpoint", file=sys.stderr)
+            return 130
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 128 + signal.Signals[final["signal"]] if final["event"] == "interrupted" else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -49,7 +51,9 @@ class TrainConfig:
     eval_interval: int = 250  # steps between running validations on eval_batches random batches; 0 = never
     eval_batches: int = 20  # batches (of batch_size windows) per running validation
     full_eval_interval: int = 10000  # steps between full validations over the whole split (and at the end); 0 = only at the end
-    ckpt_interval: int = 1000  # steps between checkpoints (and at the end)
+    ckpt_interval: int = 1000  # steps between checkpoints (and at the end, and on SIGTERM / Ctrl-C)
+    skip_nonfinite: bool = False  # skip and count steps with a non-finite loss or gradient norm instead of stopping
+    fsdp: bool = False  # shard parameters, gradients and optimiser state with FSDP2 (torchrun, 2+ ranks)
 
 
 @dataclass
@@ -60,10 +64,18 @@ class DataConfig:
 
 
 @dataclass
+class LogConfig:
+    wandb: bool = False  # also log to Weights & Biases (the wandb extra; WANDB_MODE=offline works)
+    wandb_project: str = "charlm"  # W&B project
+    wandb_name: str = ""  # W&B run name; empty = the run folder's name
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     out_dir: str = ""  # run directory; empty = runs/<preset>-<date>-<time>
 
     def errors(self) -> list[str]:
@@ -82,9 +94,22 @@ class Config:
             out.append(f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
         if t.precision == "bf16" and not uses_cuda(t):
             out.append("train.precision=bf16 needs a CUDA device; CPU runs train in fp32")
+        if t.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            out.append("train.fsdp=true needs torchrun with 2 or more ranks")
+        if t.optimizer == "ivon" and (t.fsdp or t.skip_nonfinite):
+            out.append("train.optimizer=ivon works with neither train.fsdp nor train.skip_nonfinite")
         if t.device == "cuda" and not torch.cuda.is_available():
             out.append("train.device=cuda but no CUDA device is available")
+        if self.log.wandb and not importable("wandb"):
+            out.append("log.wandb=true needs the wandb package: pip install -e '.[wandb]'")
         return out
+
+
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules[module] is None: its import is blocked
+        return False
 
 
 def uses_cuda(t: TrainConfig) -> bool:
@@ -133,7 +158,7 @@ def default_preset() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ typed values
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "log": LogConfig}
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
@@ -295,3 +320,12 @@ def help_text() -> str:
     width = max(len(k) for k, _, _ in knob_table())
     lines += [f"  --{k:<{width}}  {c} [default {d}]" for k, d, c in knob_table()]
     return "\n".join(lines)
+
+
+def knob_markdown() -> str:
+    """The README's knob table: `python -m train.config`."""
+    return "\n".join(f"| `{k}` | `{d}` | {c.replace('|', '&#124;')} |" for k, d, c in knob_table())
+
+
+if __name__ == "__main__":
+    print(knob_markdown())

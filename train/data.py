@@ -154,6 +154,8 @@ def load_corpus(cfg: DataConfig, min_split_bytes: int = 2) -> Corpus:
         if not path.is_file():
             raise ConfigError(f"data file not found: {path}")
     n = path.stat().st_size
+    if n == 0:
+        raise ConfigError(f"data file {path} is empty")
     is_enwik8 = name == "enwik8"
     if is_enwik8 and n != ENWIK8_BYTES:
         raise ConfigError(f"{path} has {n} bytes; enwik8 has {ENWIK8_BYTES}")

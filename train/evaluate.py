@@ -43,31 +43,36 @@ def plan_windows(a: int, b: int, block_size: int, stride: int) -> list[tuple[int
 def evaluate_bytes(model, data: np.ndarray, a: int, b: int, block_size: int, stride: int, batch_size: int = 16,
                    device: str = "cpu", autocast=nullcontext, progress: bool = True,
                    shard: tuple[int, int] = (0, 1)) -> dict:
-    """Sum of next-byte NLL (nats) over targets [a, b) of `data` with the strided protocol. Windows are sharded
-    round-robin across ranks (shard = (rank, world)) and the sums all-reduced."""
+    """Sum of next-byte NLL (nats) over targets [a, b) of `data` with the strided protocol. Batches of equal-length
+    windows are dealt round-robin to the ranks (shard = (rank, world)) and the sums all-reduced; every rank runs
+    the same number of forward passes (a rank short of batches repeats one and scores nothing), as FSDP needs."""
     was_training = model.training
     model.eval()
-    plan = plan_windows(a, b, block_size, stride)[shard[0]::shard[1]]
-    nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
     by_length: dict[int, list] = {}
-    for w in plan:
+    for w in plan_windows(a, b, block_size, stride):
         by_length.setdefault(w[1] - w[0], []).append(w)
-    bar = tqdm(total=len(plan), desc="eval", unit="win", disable=not progress, leave=False, file=sys.stderr)
-    for length, windows in by_length.items():
-        for i in range(0, len(windows), batch_size):
-            group = windows[i:i + batch_size]
-            rows = torch.from_numpy(np.stack([data[w0:w1] for w0, w1, _ in group]).astype(np.int64)).to(device)
-            with autocast():
-                logits = model(rows[:, :-1])
+    batches = [ws[i:i + batch_size] for ws in by_length.values() for i in range(0, len(ws), batch_size)]
+    rank, world = shard
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world)
+    nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    bar = tqdm(total=rounds, desc="eval", unit="batch", disable=not progress, leave=False, file=sys.stderr)
+    for j in range(rounds):
+        group = mine[j] if j < len(mine) else batches[0]
+        length = group[0][1] - group[0][0]
+        rows = torch.from_numpy(np.stack([data[w0:w1] for w0, w1, _ in group]).astype(np.int64)).to(device)
+        with autocast():
+            logits = model(rows[:, :-1])
+        if j < len(mine):
             losses = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")  # (B, L-1)
             n_scored = torch.tensor([w1 - c0 for _, w1, c0 in group], device=device)
             keep = torch.arange(length - 1, device=device)[None, :] >= (length - 1 - n_scored)[:, None]
             nll += (losses.double() * keep).sum()
             count += int(n_scored.sum())
-            bar.update(len(group))
+        bar.update(1)
     bar.close()
     model.train(was_training)
-    if shard[1] > 1:
+    if world > 1:
         total = torch.stack([nll, torch.tensor(float(count), dtype=torch.float64, device=device)])
         dist.all_reduce(total)
         nll, count = total[0], int(total[1].item())
