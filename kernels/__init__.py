@@ -1,4 +1,11 @@
-"""charlm's ops. `kernels.reference` holds the plain-PyTorch spec of each op; Triton kernels join it op by op."""
-from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref, rmsnorm_ref, swiglu_ref
+"""charlm's ops: Triton kernels with their plain-PyTorch references (`kernels.reference`).
 
-__all__ = ["IGNORE_INDEX", "multihead_cross_entropy_ref", "rmsnorm_ref", "swiglu_ref"]
+Each public function runs its Triton kernels on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1) and
+falls back to the reference elsewhere.
+"""
+from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref, rmsnorm_ref, swiglu_packed_ref, swiglu_ref
+from kernels.rmsnorm import rmsnorm
+from kernels.swiglu import swiglu, swiglu_packed
+
+__all__ = ["IGNORE_INDEX", "multihead_cross_entropy_ref", "rmsnorm", "rmsnorm_ref", "swiglu", "swiglu_packed",
+           "swiglu_packed_ref", "swiglu_ref"]

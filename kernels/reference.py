@@ -22,6 +22,12 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_packed_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """swiglu of the two halves of the last dimension: (.., 2F) -> (.., F)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
+
+
 def multihead_cross_entropy_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -8,24 +8,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.reference import rmsnorm_ref, swiglu_ref
+import kernels
+from kernels.reference import rmsnorm_ref, swiglu_packed_ref
 from model.config import ModelConfig
+
+# model.kernels -> (rmsnorm, swiglu of a packed gate+up): the fused Triton ops or their plain-PyTorch references
+OPS = {"torch": (rmsnorm_ref, swiglu_packed_ref), "triton": (kernels.rmsnorm, kernels.swiglu_packed)}
 
 
 # ---------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, fn=rmsnorm_ref):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fn = eps, fn
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rmsnorm_ref(x, self.weight, self.eps)
+        return self.fn(x, self.weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim)
+        return RMSNorm(dim, fn=OPS[cfg.kernels][0])
     return nn.LayerNorm(dim, bias=cfg.bias)
 
 
@@ -64,10 +68,10 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.fn = OPS[cfg.kernels][1]
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.proj(swiglu_ref(gate, up))
+        return self.proj(self.fn(self.gate_up(x)))
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real-text corpus (the head of the gensim Wikipedia sample) and a tiny config."""
+"""Shared fixtures: a small real-text corpus (the head of the gensim Wikipedia sample), a tiny config, helpers
+for CLI runs, and the kernel parity rule. Without CUDA, Triton kernels run through its interpreter."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from train.config import DataConfig, tiny
 from train.data import sample_path
@@ -41,9 +46,11 @@ def tiny_config(corpus: Path, out_dir: Path, **overrides):
 
 
 def run_cli(*args: str, module: str = "train", env: dict | None = None, timeout: float = 300):
-    """Run `python -m <module> args...` from the repository root; returns the CompletedProcess."""
+    """Run `python -m <module> args...` from the repository root; returns the CompletedProcess. `env` adds
+    variables to this process's environment (None as a value removes one)."""
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env=environ)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -71,3 +78,13 @@ def copy_run(src: Path, dst: Path) -> Path:
 def snapshot(folder: Path) -> dict:
     """Every file below folder with its bytes: to check that a failed command changed nothing."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def assert_parity(name: str, out: torch.Tensor, same_dtype_ref: torch.Tensor, exact: torch.Tensor,
+                  atol: float) -> None:
+    """flash-attention's rule: the kernel's error against the exact (fp64) result is at most twice the error of
+    the PyTorch reference computed in the kernel's dtype, plus a small atol."""
+    assert out.shape == exact.shape and out.dtype == same_dtype_ref.dtype, (name, out.shape, out.dtype)
+    err = (out.double() - exact).abs().max().item()
+    ref_err = (same_dtype_ref.double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} > 2 x {ref_err:.3g} (PyTorch, same dtype) + {atol}"

@@ -21,6 +21,7 @@ KNOBS = [
     {"model__n_targets": "2", "model__target_weights": "1.0,0.5"},
     {"model__intermediate_loss": "true", "model__n_layer": "3"},
     {"model__tie_embeddings": "true"},
+    {"model__kernels": "triton", "model__norm": "rmsnorm", "model__activation": "swiglu"},  # interpreted on a CPU
     {"model__dropout": "0.1"},
     {"model__n_head": "4", "model__d_model": "48", "model__d_ff": "96", "model__block_size": "24"},
     {"train__optimizer": "adam"},
