@@ -2,6 +2,7 @@
 cache, the median of several rounds, and the copy bandwidth of the same device for reference."""
 from __future__ import annotations
 
+import functools
 import statistics
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device")
 L2_FLUSH_BYTES = 256 << 20  # inputs are rotated until this much has been touched: past any current L2
+SHAPES = [(8192, 512), (8192, 2048), (32768, 512), (32768, 2048)]  # rows x d of the elementwise/row kernels
 
 
 def copies(make, nbytes_each: int) -> list:
@@ -40,7 +42,17 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / time_per_call(lambda: dst.copy_(src), [()], calls=20)
 
 
-def record(benchmark, **info) -> None:
-    """Attach the measured numbers to the pytest-benchmark result and print them."""
+@functools.cache
+def bandwidth() -> float:
+    return copy_bandwidth()
+
+
+def measure(benchmark, step, make, traffic: int, input_bytes: int, **info) -> None:
+    """Time step(*inputs) on rotated inputs from make(), also through pytest-benchmark, and record the time, the
+    GB/s of `traffic` ideal bytes per call and its fraction of the copy bandwidth."""
+    seconds = time_per_call(step, copies(make, input_bytes))
+    benchmark.pedantic(step, args=make(), rounds=3, warmup_rounds=1)
+    info.update(device=torch.cuda.get_device_name(), us=seconds * 1e6, gbps=traffic / seconds / 1e9,
+                of_copy=traffic / seconds / bandwidth())
     benchmark.extra_info.update(info)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))

@@ -22,11 +22,17 @@ from kernels.runtime import INTERPRET, next_pow2, use_triton
 
 # ------------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _swiglu_fwd_kernel(G, U, Y, n_rows, n_cols, stride_g, stride_u, stride_y,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (rows, cols, mask) as broadcastable column and row vectors; rows in int64 offsets."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None].to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
+    return rows, cols, (rows < n_rows) & (cols < n_cols)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, n_rows, n_cols, stride_g, stride_u, stride_y,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * u
@@ -36,9 +42,7 @@ def _swiglu_fwd_kernel(G, U, Y, n_rows, n_cols, stride_g, stride_u, stride_y,
 @triton.jit
 def _swiglu_bwd_kernel(DY, G, U, DG, DU, n_rows, n_cols, stride_dy, stride_g, stride_u, stride_dg, stride_du,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))[:, None].to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    mask = (rows < n_rows) & (cols < n_cols)
+    rows, cols, mask = _tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
