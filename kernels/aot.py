@@ -20,16 +20,20 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.mhce import _mhce_kernel
+from kernels.mhce import launch_config as mhce_config
 from kernels.rmsnorm import _rmsnorm_bwd_kernel, _rmsnorm_fwd_kernel
 from kernels.rmsnorm import launch_config as rmsnorm_config
 from kernels.swiglu import _swiglu_bwd_kernel, _swiglu_fwd_kernel
 from kernels.swiglu import launch_config as swiglu_config
 
 ARCHS = (80, 90)
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -39,17 +43,18 @@ class Variant:
     fn: object  # a triton JITFunction
     signature: dict  # argument name -> triton type ("*bf16", "i32", "fp32", "constexpr")
     constexprs: dict
-    num_warps: int
+    options: dict  # num_warps, and num_stages where the launcher sets it
 
 
 def _launch(fn, name: str, pointers: dict, scalars: dict, cfg: dict) -> Variant:
-    cfg = dict(cfg)
-    num_warps = cfg.pop("num_warps")
-    signature = {**pointers, **scalars, **{k: "constexpr" for k in cfg}}
+    """A variant as the launcher would run it: `cfg` is the launcher's launch_config (constexprs + options)."""
+    constexprs = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    options = {k: v for k, v in cfg.items() if k in ("num_warps", "num_stages")}
+    signature = {**pointers, **scalars, **{k: "constexpr" for k in constexprs}}
     missing = set(fn.arg_names) - set(signature)
     if missing:
         raise ValueError(f"{fn.__name__}: no type for {sorted(missing)}")
-    return Variant(name, fn, {k: signature[k] for k in fn.arg_names}, cfg, num_warps)
+    return Variant(name, fn, {k: signature[k] for k in fn.arg_names}, constexprs, options)
 
 
 def variants() -> list[Variant]:
@@ -77,6 +82,15 @@ def variants() -> list[Variant]:
                            {"DY": f"*{dt}", "G": f"*{dt}", "U": f"*{dt}", "DG": f"*{dt}", "DU": f"*{dt}"},
                            {"n_rows": "i32", "n_cols": "i32", "stride_dy": "i32", "stride_g": "i32", "stride_u": "i32",
                             "stride_dg": "i32", "stride_du": "i32"}, cfg))
+        for need_grad in (True, False):
+            cfg = {**mhce_config(256, TORCH_DTYPES[dt], interpret=False), "HAS_BIAS": True, "NEED_GRAD": need_grad,
+                   "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32"}
+            out.append(_launch(_mhce_kernel, f"mhce_{'fwd_bwd' if need_grad else 'fwd'} {dt} V=256",
+                               {"X": f"*{dt}", "W": f"*{dt}", "B": f"*{dt}", "T": "*i64", "HW": "*fp32",
+                                "COUNT": "*i32", "HEAD_ORDER": "*i32", "SRC_START": "*i32", "LOSS_PART": "*fp32",
+                                "DX": f"*{dt}", "DW": "*fp32", "DB": "*fp32"},
+                               {k: "i32" for k in ("N", "D", "V", "n_heads", "n_slots", "stride_xs", "stride_xn",
+                                                   "stride_wh", "stride_wv", "stride_bh", "stride_th")}, cfg))
     return out
 
 
@@ -94,8 +108,8 @@ def resource_usage(cubin: bytes) -> dict:
 
 def compile_variant(v: Variant, arch: int) -> dict:
     kernel = triton.compile(ASTSource(v.fn, v.signature, v.constexprs), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": v.num_warps})
-    return {"kernel": v.name, "arch": f"sm_{arch}" + ("a" if arch == 90 else ""), "num_warps": v.num_warps,
+                            options=v.options)
+    return {"kernel": v.name, "arch": f"sm_{arch}" + ("a" if arch == 90 else ""), "num_warps": v.options["num_warps"],
             **resource_usage(kernel.asm["cubin"]), "dyn_smem": int(kernel.metadata.shared)}
 
 

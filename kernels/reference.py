@@ -35,17 +35,16 @@ def multihead_cross_entropy_ref(
     head_weights: torch.Tensor,
     source: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    reduction: str = "sum",
-) -> torch.Tensor:
+    return_per_head: bool = False,
+):
     """Cross-entropy of H linear classifier heads in one batched computation.
 
     hidden (S, N, D): S distinct hidden-state sources; weight (H, V, D) and bias (H, V): each head's classifier;
     targets (H, N) int64, IGNORE_INDEX = no target; head_weights (H,); source (H,) int64: the row of `hidden`
     that head h reads (default: arange, S == H).
 
-    reduction="sum": the scalar (fp32, or fp64 for fp64 inputs) sum_h head_weights[h] * mean over valid n of CE_h(n).
-    reduction="none": the (H,) per-head means, unweighted (for logging).
-    A head without any valid target contributes 0.
+    Returns the scalar sum_h head_weights[h] * mean over valid n of CE_h(n) (fp32; fp64 for fp64 inputs), and
+    with return_per_head also the (H,) unweighted per-head means. A head without any valid target contributes 0.
     """
     n_heads, n_pos = targets.shape
     if source is None:
@@ -62,8 +61,5 @@ def multihead_cross_entropy_ref(
                           reduction="none").view(n_heads, n_pos)
     count = (targets != IGNORE_INDEX).sum(-1).clamp_min(1)
     per_head = nll.sum(-1) / count
-    if reduction == "none":
-        return per_head
-    if reduction != "sum":
-        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
-    return (head_weights.to(acc) * per_head).sum()
+    loss = (head_weights.to(acc) * per_head).sum()
+    return (loss, per_head) if return_per_head else loss

@@ -2,8 +2,8 @@
 
 Read top to bottom: classifier heads (all of them in one module), then the network. The auxiliary losses of the
 paper are heads: one after every block but the last (intermediate losses) and one per extra target t+k
-(multiple targets). All of them are scored in one batched computation (`kernels.reference.
-multihead_cross_entropy_ref`), the reference of the fused Triton op.
+(multiple targets). All of them are scored in one batched computation: `kernels.reference.multihead_cross_entropy_ref`, or the fused
+Triton op `kernels.multihead_cross_entropy` with model.kernels=triton.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.mhce import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from model.config import ModelConfig
 from model.layers import Block, LearnedPositions, make_norm
@@ -53,6 +54,7 @@ class Heads(nn.Module):
         source = list(range(L)) + [L] * K  # head h reads this row of the stacked hidden states
         self.register_buffer("source_all", torch.tensor(source), persistent=False)
         self.register_buffer("source_final", torch.zeros(K, dtype=torch.long), persistent=False)
+        self.loss_fn = multihead_cross_entropy if cfg.kernels == "triton" else multihead_cross_entropy_ref
 
     def weights(self, with_inter: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = ([self.inter] if with_inter and self.inter is not None else []) + [self.main[None]]
@@ -72,10 +74,10 @@ class Heads(nn.Module):
         hidden = torch.stack([norm(h) for norm, h in zip(self.inter_norms, inter_h)] + [final_h])
         weight, bias = self.weights(with_inter)
         targets = [y] * len(inter_h) + [shifted_targets(y, k) for k in range(1, self.n_targets + 1)]
-        per_head = multihead_cross_entropy_ref(
-            hidden.flatten(1, 2), weight, torch.stack(targets).flatten(1), hw,
-            source=self.source_all if with_inter else self.source_final, bias=bias, reduction="none")
-        return (hw.float() * per_head).sum(), per_head.detach()
+        loss, per_head = self.loss_fn(hidden.flatten(1, 2), weight, torch.stack(targets).flatten(1), hw,
+                                      source=self.source_all if with_inter else self.source_final, bias=bias,
+                                      return_per_head=True)
+        return loss, per_head.detach()
 
 
 class GPT(nn.Module):

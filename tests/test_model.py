@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from model import GPT, ModelConfig, head_weights
 from model.gpt import shifted_targets
 from train.config import t12
@@ -46,50 +45,6 @@ def test_shifted_targets_predict_t_plus_k():
     y = torch.arange(10).view(2, 5)
     assert torch.equal(shifted_targets(y, 1), y)
     assert shifted_targets(y, 3).tolist() == [[2, 3, 4, -100, -100], [7, 8, 9, -100, -100]]
-
-
-def per_head_loop(hidden, weight, targets, hw, source, bias):
-    """The plain loop the batched reference replaces: one matmul + cross-entropy per head."""
-    total = 0.0
-    for h in range(weight.shape[0]):
-        logits = hidden[source[h]] @ weight[h].t() + (bias[h] if bias is not None else 0)
-        valid = targets[h] != IGNORE_INDEX
-        ce = F.cross_entropy(logits, targets[h], ignore_index=IGNORE_INDEX, reduction="sum") / valid.sum().clamp_min(1)
-        total = total + hw[h] * ce
-    return total
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_batched_multihead_loss_equals_a_per_head_loop(with_bias):
-    g = torch.Generator().manual_seed(0)
-    S, H, N, D, V = 3, 5, 37, 24, 256
-    hidden = torch.randn(S, N, D, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(H, V, D, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(H, V, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
-    targets = torch.randint(0, V, (H, N), generator=g)
-    targets[1, -4:] = IGNORE_INDEX
-    targets[2, :] = IGNORE_INDEX  # a head with no valid target contributes 0
-    hw = torch.tensor([1.0, 0.5, 0.3, 0.0, 2.0], dtype=torch.float64)
-    source = torch.tensor([0, 1, 2, 2, 1])  # heads 2 and 3 share a source, as t+1 and t+2 do
-    batched = multihead_cross_entropy_ref(hidden, weight, targets, hw, source, bias)
-    looped = per_head_loop(hidden, weight, targets, hw, source, bias)
-    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
-    params = [hidden, weight] + ([bias] if with_bias else [])
-    for a, b in zip(torch.autograd.grad(batched, params), torch.autograd.grad(looped, params)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    per_head = multihead_cross_entropy_ref(hidden, weight, targets, hw, source, bias, reduction="none")
-    assert per_head[2] == 0 and torch.isclose((hw * per_head).sum(), batched)
-
-
-def test_fp32_reference_agrees_with_fp64():
-    g = torch.Generator().manual_seed(1)
-    H, N, D, V = 4, 64, 32, 256
-    hidden, weight = torch.randn(H, N, D, generator=g, dtype=torch.float64), torch.randn(H, V, D, generator=g,
-                                                                                         dtype=torch.float64) / 8
-    targets, hw = torch.randint(0, V, (H, N), generator=g), torch.rand(H, generator=g, dtype=torch.float64)
-    exact = multihead_cross_entropy_ref(hidden, weight, targets, hw)
-    fp32 = multihead_cross_entropy_ref(hidden.float(), weight.float(), targets, hw.float())
-    assert fp32.dtype == torch.float32 and abs(float(fp32) - float(exact)) < 1e-5 * float(exact)
 
 
 def test_model_loss_matches_heads_scored_one_by_one():

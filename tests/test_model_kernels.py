@@ -1,5 +1,5 @@
-"""model.kernels=triton (fused RMSNorm and SwiGLU; the interpreter on a CPU) gives the loss and gradients of
-model.kernels=torch, eagerly and under torch.compile(fullgraph=True)."""
+"""model.kernels=triton (fused RMSNorm, SwiGLU and multi-head loss; the interpreter on a CPU) gives the loss and
+gradients of model.kernels=torch, eagerly and under torch.compile(fullgraph=True)."""
 import pytest
 import torch
 
@@ -24,7 +24,8 @@ def loss_and_grads(cfg: ModelConfig, compile_: bool = False):
 
 def tiny_model(**kw) -> ModelConfig:
     cfg = tiny().model
-    for k, v in dict(norm="rmsnorm", activation="swiglu", intermediate_loss=True, n_layer=3, **kw).items():
+    for k, v in dict(norm="rmsnorm", activation="swiglu", intermediate_loss=True, n_layer=3, n_targets=2,
+                     target_weights=(1.0, 0.5), **kw).items():
         setattr(cfg, k, v)
     return cfg
 

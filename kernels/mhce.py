@@ -1,0 +1,207 @@
+"""One fused cross-entropy over all prediction and intermediate heads: loss, d(hidden), d(weight), d(bias).
+
+    kernels.multihead_cross_entropy(hidden (S, N, D), weight (H, V, D), targets (H, N), head_weights (H,),
+                                    source (H,) = arange, bias (H, V) = None)
+      = sum_h head_weights[h] * mean over valid n of CE(hidden[source[h], n] @ weight[h].T + bias[h], targets[h, n])
+
+Algorithm. A grid of (position tiles x sources). A program takes BLOCK_N positions of one hidden-state source and
+walks the heads that read that source (t+1 and t+2 share the final hidden state), skipping heads whose weight is
+0 (stopped intermediate heads cost one scalar load). Per head it computes the BLOCK_N x V logits with tl.dot over
+D in BLOCK_D chunks, keeping them on chip; the log-sum-exp and the target logit give the loss, written as one
+partial sum per (tile, head). When gradients are needed, the same pass turns the logits into
+dlogits = (softmax - onehot) * weight / n_valid, then
+  d(hidden) tile = dlogits @ W_h, owned by this program alone: stored by the first head, accumulated by the
+                   others, no atomics;
+  d(weight) partial = dlogits^T @ hidden tile, added into one of N_SLOTS fp32 copies of d(weight) chosen by
+                   tile index, so at most ceil(tiles / N_SLOTS) programs ever add into the same copy; one torch
+                   sum reduces the copies.
+The logits never reach device memory. The backward only rescales the saved gradients by the upstream gradient.
+Limits. V <= 1024 (the whole vocabulary is one tile; charlm's is 256). fp32, bf16 and fp16 inputs; dots in the
+input dtype (fp32: IEEE, not TF32) with fp32 accumulation; loss and d(weight) accumulated in fp32. Per-head losses
+of zero-weight heads are reported as 0 (not computed).
+Speed. Not yet measured on a GPU (bench/bench_mhce.py: goal on an H100 >= 2x the torch.compile'd reference and
+<= 1/10 of its loss-path activation memory).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
+from kernels.runtime import INTERPRET, next_pow2, use_triton
+
+N_SLOTS = 4  # fp32 copies of d(weight) that the tiles spread their partial sums over
+
+
+# ------------------------------------------------------------------------------------------------ kernel
+@triton.jit
+def _mhce_kernel(X, W, B, T, HW, COUNT, HEAD_ORDER, SRC_START, LOSS_PART, DX, DW, DB,
+                 N, D, V, n_heads, n_slots, stride_xs, stride_xn, stride_wh, stride_wv, stride_bh, stride_th,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 NEED_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    src = tl.program_id(1)
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    vs = tl.arange(0, BLOCK_V)
+    v_ok = vs < V
+    ds = tl.arange(0, BLOCK_D)
+    x_rows = X + src.to(tl.int64) * stride_xs + rows[:, None].to(tl.int64) * stride_xn
+    dx_rows = DX + (src.to(tl.int64) * N + rows[:, None]) * D
+    slot = tile % n_slots
+    written = tl.zeros([], dtype=tl.int32)  # a run-time flag: has a head of this source stored d(hidden) yet?
+    for i in range(tl.load(SRC_START + src), tl.load(SRC_START + src + 1)):
+        h = tl.load(HEAD_ORDER + i)
+        w_h = tl.load(HW + h).to(tl.float32)
+        if w_h != 0.0:
+            w_rows = W + h.to(tl.int64) * stride_wh + vs[:, None] * stride_wv
+            tgt = tl.load(T + h.to(tl.int64) * stride_th + rows, mask=row_ok, other=-100)
+            valid = row_ok & (tgt != -100)
+            logits = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d_ok = (d0 + ds) < D
+                x = tl.load(x_rows + (d0 + ds)[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                w = tl.load(w_rows + (d0 + ds)[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+                logits = tl.dot(x, tl.trans(w).to(x.dtype), logits, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                logits += tl.load(B + h.to(tl.int64) * stride_bh + vs, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+            logits = tl.where(v_ok[None, :], logits, float("-inf"))
+            row_max = tl.max(logits, axis=1)
+            tgt_logit = tl.sum(tl.where(vs[None, :] == tgt[:, None], logits, 0.0), axis=1)
+            p = tl.exp(logits - row_max[:, None])  # logits are dead from here on: p takes their registers
+            z = tl.sum(p, axis=1)
+            nll = tl.where(valid, row_max + tl.log(z) - tgt_logit, 0.0)
+            tl.store(LOSS_PART + tile * n_heads + h, tl.sum(nll, axis=0))
+            if NEED_GRAD:
+                coef = tl.where(valid, w_h / tl.maximum(tl.load(COUNT + h), 1).to(tl.float32), 0.0)
+                dlogits = p * (coef / z)[:, None] - tl.where(vs[None, :] == tgt[:, None], coef[:, None], 0.0)
+                if HAS_BIAS:
+                    tl.atomic_add(DB + (slot * n_heads + h) * V + vs, tl.sum(dlogits, axis=0), mask=v_ok)
+                dl = dlogits.to(X.dtype.element_ty)
+                dw_rows = DW + ((slot * n_heads + h).to(tl.int64) * V + vs[:, None]) * D
+                for d0 in range(0, D, BLOCK_D):
+                    d_ok = (d0 + ds) < D
+                    w = tl.load(w_rows + (d0 + ds)[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+                    dx = tl.dot(dl, w.to(dl.dtype), input_precision=DOT_PRECISION)
+                    m = row_ok[:, None] & d_ok[None, :]
+                    if written:
+                        dx += tl.load(dx_rows + (d0 + ds)[None, :], mask=m, other=0.0).to(tl.float32)
+                    tl.store(dx_rows + (d0 + ds)[None, :], dx.to(DX.dtype.element_ty), mask=m)
+                    x = tl.load(x_rows + (d0 + ds)[None, :], mask=m, other=0.0)
+                    dw = tl.dot(tl.trans(dl), x, input_precision=DOT_PRECISION)
+                    tl.atomic_add(dw_rows + (d0 + ds)[None, :], dw, mask=v_ok[:, None] & d_ok[None, :])
+                written = 1
+    if NEED_GRAD:
+        if written == 0:  # no head with a weight reads this source: its gradient is zero
+            for d0 in range(0, D, BLOCK_D):
+                m = row_ok[:, None] & ((d0 + ds) < D)[None, :]
+                tl.store(dx_rows + (d0 + ds)[None, :], tl.zeros([BLOCK_N, BLOCK_D], dtype=DX.dtype.element_ty),
+                         mask=m)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+def launch_config(V: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
+    """The whole vocabulary per tile, D in chunks of 16, 8 warps, 2 pipeline stages and 32 positions (16 for fp32
+    inputs or V > 256): the largest tiles that compile without spills for sm_80 and sm_90a at V = 256
+    (kernels.aot; 64 x 64 tiles, or 3 stages in fp32, spill). Under the interpreter larger tiles, since every
+    program instance costs milliseconds."""
+    block_v = max(16, next_pow2(V))
+    if interpret:
+        return {"BLOCK_N": 64, "BLOCK_V": block_v, "BLOCK_D": 64, "num_warps": 4}
+    wide = block_v > 256 or dtype == torch.float32
+    return {"BLOCK_N": 16 if wide else 32, "BLOCK_V": block_v, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2}
+
+
+def mhce_fwd(hidden, weight, targets, head_weights, source, bias, need_grad: bool):
+    """(loss, per-head mean CE, d(hidden), d(weight), d(bias)) with gradients of the loss (empty tensors when
+    need_grad is False or there is no bias)."""
+    S, N, D = hidden.shape
+    H, V, _ = weight.shape
+    if V > 1024:
+        raise ValueError(f"multihead_cross_entropy supports a vocabulary of up to 1024 (got {V})")
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    targets = targets.contiguous()
+    dev = hidden.device
+    counts = (targets != IGNORE_INDEX).sum(1).to(torch.int32)
+    order = torch.argsort(source, stable=True).to(torch.int32)
+    src_start = torch.zeros(S + 1, dtype=torch.int32, device=dev)
+    src_start[1:] = torch.bincount(source, minlength=S).cumsum(0)
+    cfg = launch_config(V, hidden.dtype)
+    n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+    n_slots = min(N_SLOTS, n_tiles)
+    loss_part = torch.zeros((n_tiles, H), dtype=torch.float32, device=dev)
+    def empty():  # a distinct placeholder each time: custom op outputs must not alias one another
+        return torch.empty(0, dtype=hidden.dtype, device=dev)
+    dx = torch.empty_like(hidden) if need_grad else empty()
+    dw = torch.zeros((n_slots, H, V, D), dtype=torch.float32, device=dev) if need_grad else empty()
+    db = torch.zeros((n_slots, H, V), dtype=torch.float32, device=dev) if need_grad and bias is not None else empty()
+    b = bias if bias is not None else empty()
+    _mhce_kernel[(n_tiles, S)](
+        hidden, weight, b, targets, head_weights, counts, order, src_start, loss_part, dx, dw, db,
+        N, D, V, H, n_slots, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        b.stride(0) if bias is not None else 0, targets.stride(0),
+        HAS_BIAS=bias is not None, NEED_GRAD=need_grad,
+        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32", **cfg)
+    per_head = loss_part.sum(0) / counts.clamp_min(1)
+    loss = (head_weights.float() * per_head).sum()
+    if need_grad:
+        dw = dw.sum(0).to(weight.dtype)
+        db = db.sum(0).to(bias.dtype) if bias is not None else db
+    return loss, per_head, dx, dw, db
+
+
+# ------------------------------------------------------------------------------------------------ torch.library
+@torch.library.custom_op("charlm::multihead_cross_entropy", mutates_args=())
+def _mhce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, head_weights: torch.Tensor,
+             source: torch.Tensor, bias: Optional[torch.Tensor], need_grad: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mhce_fwd(hidden, weight, targets, head_weights, source, bias, need_grad)
+
+
+@_mhce_op.register_fake
+def _(hidden, weight, targets, head_weights, source, bias, need_grad):
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return (torch.empty((), **f32), torch.empty(weight.shape[0], **f32),
+            torch.empty_like(hidden) if need_grad else hidden.new_empty(0),
+            torch.empty_like(weight) if need_grad else hidden.new_empty(0),
+            torch.empty_like(bias) if need_grad and bias is not None else hidden.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, dx, dw, db = output
+    ctx.has_bias = inputs[5] is not None
+    ctx.save_for_backward(dx, dw, db)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, g_loss, _g_per_head, _gdx, _gdw, _gdb):
+    dx, dw, db = ctx.saved_tensors
+    if dx.numel() == 0 and dw.numel() == 0:
+        raise RuntimeError("multihead_cross_entropy ran without gradients (need_grad=False) but was differentiated")
+    return (dx * g_loss.to(dx.dtype), dw * g_loss.to(dw.dtype), None, None, None,
+            db * g_loss.to(db.dtype) if ctx.has_bias else None, None)
+
+
+torch.library.register_autograd("charlm::multihead_cross_entropy", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ public
+def multihead_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            head_weights: torch.Tensor, source: torch.Tensor | None = None,
+                            bias: torch.Tensor | None = None, return_per_head: bool = False):
+    """sum_h head_weights[h] * mean CE of head h (see the module docstring); with return_per_head also the (H,)
+    per-head mean CE (detached; 0 for heads of weight 0). The fused Triton kernel where it can run, else
+    `kernels.reference.multihead_cross_entropy_ref`."""
+    if not use_triton(hidden):
+        return multihead_cross_entropy_ref(hidden, weight, targets, head_weights, source, bias, return_per_head)
+    if source is None:
+        if hidden.shape[0] != weight.shape[0]:
+            raise ValueError(f"hidden has {hidden.shape[0]} sources for {weight.shape[0]} heads; pass `source`")
+        source = torch.arange(weight.shape[0], device=hidden.device)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    loss, per_head, *_ = _mhce_op(hidden, weight, targets, head_weights, source, bias, need_grad)
+    return (loss, per_head) if return_per_head else loss
