@@ -29,6 +29,7 @@ class ModelConfig:
     intermediate_loss: bool = False  # a classifier after every block but the last; layer l's loss stops at l/(2n) of training
     intermediate_weight: float = 1.0  # loss weight of each active intermediate head
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
+    attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash (flash-attn; else sdpa, warned once) | sdpa | math
     kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU and multi-head loss (torch: references)
 
     @property

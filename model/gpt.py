@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from kernels.mhce import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from model.config import ModelConfig
-from model.layers import Block, LearnedPositions, make_norm
+from model.kv_cache import KVCache
+from model.layers import Block, LearnedPositions, NoPositions, make_norm
 
 
 def shifted_targets(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,9 +86,9 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = LearnedPositions(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else nn.Identity()
+        self.pos_emb = LearnedPositions(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else NoPositions()
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.heads = Heads(cfg)
         if cfg.tie_embeddings:
@@ -111,21 +112,29 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                head_weights: torch.Tensor | None = None):
+                head_weights: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) bytes. Without targets: the t+1 logits (B, T, V).
         With next-byte targets (B, T): (loss, per_head). `head_weights` (from `head_weights()`) selects the heads:
         n_inter + n_targets values score every head, n_targets values only the final ones; None scores the
-        t+1 head alone (evaluation)."""
-        if idx.shape[1] > self.cfg.block_size:
-            raise ValueError(f"sequence of {idx.shape[1]} bytes exceeds block_size={self.cfg.block_size}")
+        t+1 head alone (evaluation).
+        With a KV cache (logits only): idx continues the cached positions, attending over the cache's window."""
+        T = idx.shape[1]
+        positions = None
+        if cache is not None:
+            cache.make_room(T)
+            positions = cache.positions(T)
+        elif T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} bytes exceeds block_size={self.cfg.block_size}")
         with_inter = head_weights is not None and len(head_weights) > self.cfg.n_targets
-        x = self.drop(self.pos_emb(self.tok_emb(idx)))
+        x = self.drop(self.pos_emb(self.tok_emb(idx), positions))
         inter_h = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x, cache, positions)
             if with_inter and i < self.heads.n_inter:
                 inter_h.append(x)
         h = self.norm_f(x)
+        if cache is not None:
+            cache.advance(T)
         if targets is None:
             return self.heads.main_logits(h)
         if head_weights is None:

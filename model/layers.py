@@ -6,11 +6,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from kernels.reference import rmsnorm_ref, swiglu_packed_ref
+from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
+from model.kv_cache import KVCache
 
 # model.kernels -> (rmsnorm, swiglu of a packed gate+up): the fused Triton ops or their plain-PyTorch references
 OPS = {"torch": (rmsnorm_ref, swiglu_packed_ref), "triton": (kernels.rmsnorm, kernels.swiglu_packed)}
@@ -81,25 +82,31 @@ def make_mlp(cfg: ModelConfig) -> nn.Module:
 # ---------------------------------------------------------------- positions
 class LearnedPositions(nn.Module):
     """A learned table added to the residual stream: once at the input (pos_emb=learned) or at the input of
-    every block (pos_emb=learned_per_layer, as in Al-Rfou et al.)."""
+    every block (pos_emb=learned_per_layer, as in Al-Rfou et al.). Absolute: positions < block_size."""
 
     def __init__(self, block_size: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(block_size, dim))
 
-    def forward(self, x):
-        return x + self.weight[: x.shape[1]]
+    def forward(self, x, positions: torch.Tensor | None = None):
+        return x + (self.weight[: x.shape[1]] if positions is None else self.weight[positions])
+
+
+class NoPositions(nn.Module):
+    def forward(self, x, positions=None):
+        return x
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021) on queries and keys, half-split layout, base 10000."""
+    """Rotary position embedding (Su et al. 2021) on queries and keys, half-split layout, base 10000. Tables
+    cover 2 x block_size positions: a window plus a chunk of the KV-cache path."""
 
     def __init__(self, head_dim: int, block_size: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(2 * block_size, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, x, positions: torch.Tensor | None = None):
         """x (B, H, T, hd); positions (T,) or None for 0..T-1."""
@@ -114,20 +121,28 @@ class Rotary(nn.Module):
 
 # ---------------------------------------------------------------- attention
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Multi-head causal self-attention; with a KV cache, over the cache's sliding window. RoPE rotates queries
+    and keys in the same place on both paths."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.layer, self.n_head, self.dropout = layer, cfg.n_head, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.head_dim, cfg.block_size) if cfg.pos_emb == "rope" else None
+        self.attend = resolve_attention(cfg.attention)
 
-    def forward(self, x):
+    def forward(self, x, cache: KVCache | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            q_pos = k_pos = mask = None
+        else:  # keys are cached unrotated; positions are relative to the cache's first slot
+            k, v, k_pos, mask = cache.update(self.layer, k, v)
+            q_pos = k_pos[-T:]
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+            q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
+        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -135,18 +150,18 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x += s*attn(norm(x)); x += s*mlp(norm(x)), s the residual scale."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.pos = LearnedPositions(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned_per_layer" else None
-        self.norm1, self.attn = make_norm(cfg, cfg.d_model), CausalSelfAttention(cfg)
+        per_layer = cfg.pos_emb == "learned_per_layer"
+        self.pos = LearnedPositions(cfg.block_size, cfg.d_model) if per_layer else NoPositions()
+        self.norm1, self.attn = make_norm(cfg, cfg.d_model), CausalSelfAttention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg, cfg.d_model), make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = 1.0 / math.sqrt(2 * cfg.n_layer) if cfg.residual_scale == "depth-scaled" else 1.0
 
-    def forward(self, x):
-        if self.pos is not None:
-            x = self.pos(x)
-        x = x + self.scale * self.drop(self.attn(self.norm1(x)))
+    def forward(self, x, cache: KVCache | None = None, positions: torch.Tensor | None = None):
+        x = self.pos(x, positions)
+        x = x + self.scale * self.drop(self.attn(self.norm1(x), cache))
         return x + self.scale * self.drop(self.mlp(self.norm2(x)))
 
     def residual_projections(self) -> list[nn.Linear]:

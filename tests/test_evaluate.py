@@ -84,3 +84,48 @@ def test_evaluate_cli_prints_json_last(small_corpus, tmp_path):
 def test_evaluate_cli_errors_are_one_line(tmp_path):
     r = run_cli("--ckpt", str(tmp_path / "missing.pt"), module="train.evaluate")
     assert r.returncode == 2 and r.stderr.strip() == f"error: no checkpoint at {tmp_path / 'missing.pt'}"
+
+
+def rope_model(n_layer=2, block=16, seed=0):
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(n_layer=n_layer, n_head=2, d_model=16, d_ff=32, block_size=block, pos_emb="rope")).eval()
+
+
+def test_cached_and_strided_agree_on_a_text_no_longer_than_block_size():
+    from train.evaluate import evaluate_cached
+    model = rope_model(n_layer=3, block=32)
+    text = np.frombuffer(b"Pack my box with five dozen jugs", dtype=np.uint8)  # 32 bytes
+    strided = evaluate_bytes(model, text, 1, len(text), 32, 32, progress=False)
+    cached = evaluate_cached(model, text, 1, len(text), streams=1, chunk=7, progress=False)
+    assert cached["bytes"] == strided["bytes"] == 31
+    assert math.isclose(cached["bpc"], strided["bpc"], rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("streams, chunk", [(1, 16), (3, 5), (7, 1)])
+def test_cached_streams_equal_stride_1_for_one_layer(streams, chunk):
+    """With one layer the cached protocol's receptive field is the window itself: every byte then sees exactly
+    the block_size - 1 bytes before it, as strided evaluation at stride 1 gives it."""
+    from train.evaluate import evaluate_cached
+    model = rope_model(n_layer=1, block=16, seed=streams)
+    text = np.frombuffer(b"The quick brown fox jumps over the lazy dog. " * 3, dtype=np.uint8)
+    a, b = 20, len(text)
+    cached = evaluate_cached(model, text, a, b, streams=streams, chunk=chunk, progress=False)
+    strided = evaluate_bytes(model, text, a, b, 16, 1, progress=False)
+    assert cached["bytes"] == strided["bytes"] == b - a
+    assert math.isclose(cached["nll_nats"], strided["nll_nats"], rel_tol=1e-5)
+
+
+def test_cached_mode_refuses_absolute_positions():
+    from train.evaluate import evaluate_cached
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, d_ff=32, block_size=16)).eval()
+    with pytest.raises(ConfigError, match="--mode cached needs relative positions"):
+        evaluate_cached(model, np.zeros(100, dtype=np.uint8), 10, 100)
+
+
+def test_evaluate_cli_cached_mode(small_corpus, tmp_path):
+    train(Args(tiny_config(small_corpus, tmp_path / "run", train__max_steps="3", model__pos_emb="rope"), "tiny"))
+    r = run_cli("--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--split", "val", "--max_bytes", "500", "--mode",
+                "cached", "--streams", "4", module="train.evaluate")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["protocol"] == "cached" and out["bytes"] == 500 and out["streams"] == 4 and out["window"] == 32

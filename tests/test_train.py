@@ -53,6 +53,26 @@ def test_sample_cli_generates_bytes(tiny_run):
     assert again.stdout == r.stdout  # seeded
 
 
+@pytest.mark.parametrize("pos_emb", ["learned", "learned_per_layer", "rope"])
+def test_greedy_sampling_is_the_same_with_and_without_the_cache(pos_emb):
+    from model import GPT, ModelConfig
+    from train.sample import generate
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, block_size=16, pos_emb=pos_emb)).eval()
+    prompt = b"Once upon a time, "  # longer than the window: generation starts by moving it
+    cached = generate(model, prompt, 60, temperature=0)
+    uncached = generate(model, prompt, 60, temperature=0, use_cache=False)
+    assert len(cached) == 60 and cached == uncached
+
+
+def test_sample_cli_no_cache_matches(tiny_run):
+    out, _ = tiny_run
+    args = ("--ckpt", str(out / "ckpt.pt"), "--prompt", "The ", "--tokens", "80", "--temperature", "0")
+    cached, uncached = run_cli(*args, module="train.sample"), run_cli(*args, "--no_cache", module="train.sample")
+    assert cached.returncode == uncached.returncode == 0, cached.stderr + uncached.stderr
+    assert cached.stdout == uncached.stdout and "KV cache" in cached.stderr and "no cache" in uncached.stderr
+
+
 def test_help_lists_the_knobs():
     r = run_cli("--help")
     assert r.returncode == 0 and "--model.n_layer" in r.stdout and "--train.max_time" in r.stdout

@@ -138,12 +138,13 @@ def t12() -> Config:
     """Al-Rfou et al. 2018, T12 (12 layers, d_model 512, context 512, ~44M parameters with its auxiliary heads).
     Values the paper gives: layers, widths, context, per-layer learned positions, auxiliary losses (intermediate
     layers, t+2 target at weight 0.5), momentum 0.99 at a fixed lr 0.003, batch 16. Values it leaves open for
-    T12 and chosen here: n_head 8, ReLU MLP, pre-norm LayerNorm, dropout 0.55 (its T64 value), max_steps."""
+    T12 and chosen here: n_head 8, ReLU MLP, pre-norm LayerNorm, dropout 0.55 (its T64 value), max_steps.
+    On CUDA: bf16 autocast, torch.compile and flash attention (sdpa when flash-attn is not installed)."""
     cuda = torch.cuda.is_available()
     return Config(
         model=ModelConfig(n_layer=12, n_head=8, d_model=512, d_ff=2048, block_size=512, dropout=0.55,
                           activation="relu", pos_emb="learned_per_layer", n_targets=2, target_weights=(1.0, 0.5),
-                          intermediate_loss=True),
+                          intermediate_loss=True, attention="flash" if cuda else "sdpa"),
         train=TrainConfig(optimizer="sgd", lr=0.003, momentum=0.99, schedule="constant", warmup_steps=0,
                           weight_decay=0.0, grad_clip=0.0, batch_size=16, max_steps=400_000, log_interval=100,
                           eval_interval=1000, eval_batches=50, full_eval_interval=10_000, ckpt_interval=5000,

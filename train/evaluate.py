@@ -1,14 +1,18 @@
-"""Exact strided evaluation of a checkpoint: bits per byte over every byte of a split.
+"""Evaluation of a checkpoint: bits per byte over every byte of a split.
 
-    python -m train.evaluate --ckpt runs/a/ckpt.pt [--data.source=...] [--split val|test|all] [--stride N]
-                             [--max_bytes N] [--batch_size N] [--device auto|cpu|cuda]
+    python -m train.evaluate --ckpt runs/a/ckpt.pt [--data.source=...] [--split val|test|all] [--max_bytes N]
+                             [--mode strided|cached] [--stride N] [--batch_size N] [--streams N] [--chunk N]
+                             [--device auto|cpu|cuda]
 
 Protocol `strided`: the split's bytes [a, b) are cut into chunks of `stride` targets. Chunk [c0, c1) is scored by
 one window of the byte stream ending at c1 and at most block_size + 1 bytes long (block_size inputs); only its
 last c1 - c0 predictions count. So every byte of the split is scored exactly once, each with the longest context
 its window gives (at least block_size - stride + 1 bytes once past the start of the file; stride = block_size:
 non-overlapping windows). Context may reach into the bytes that precede the split in the file; byte 0 of the
-file, which has no context, is never a target. The last line of stdout is JSON.
+file, which has no context, is never a target.
+
+Protocol `cached` (see evaluate_cached): streaming with a rolling KV cache; a different function, reported under
+its own name. The last line of stdout is JSON.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.kv_cache import KVCache
 from train.config import ConfigError, DataConfig
 
 
@@ -80,6 +85,56 @@ def evaluate_bytes(model, data: np.ndarray, a: int, b: int, block_size: int, str
     return {"bpc": nll / max(count, 1) / math.log(2), "bytes": count, "nll_nats": nll}
 
 
+@torch.no_grad()
+def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, chunk: int = 0, device: str = "cpu",
+                    autocast=nullcontext, progress: bool = True, cache_dtype: torch.dtype | None = None) -> dict:
+    """Protocol `cached`: stream the targets [a, b) through the model with a KV cache of the last block_size
+    positions per layer, each query attending over a sliding window of block_size positions (itself included).
+    Its receptive field grows with depth (layer l sees l * (block_size - 1) bytes back), so it is not the
+    function `strided` computes. The bytes are cut into `streams` contiguous parts run side by side; each part
+    first reads the (up to) block_size - 1 bytes before it, unscored. Needs relative positions (RoPE)."""
+    cfg = model.cfg
+    if cfg.pos_emb != "rope":
+        raise ConfigError(f"--mode cached needs relative positions (model.pos_emb=rope); this model uses "
+                          f"pos_emb={cfg.pos_emb}, whose absolute positions end at block_size: use --mode strided")
+    block = cfg.block_size
+    chunk = min(chunk or block, block)
+    first = max(a, 1)
+    n_targets = b - first
+    streams = max(1, min(streams, n_targets))
+    per = -(-n_targets // streams)
+    warm = min(block - 1, first - 1)
+    width = warm + per
+    inputs = np.zeros((streams, width), dtype=np.int64)
+    targets = np.zeros((streams, width), dtype=np.int64)
+    scored = np.zeros((streams, width), dtype=bool)
+    for j in range(streams):
+        t0, t1 = first + j * per, min(first + (j + 1) * per, b)  # this stream's targets
+        if t0 >= t1:
+            continue
+        lo = t0 - 1 - warm  # first input byte
+        inputs[j, : t1 - 1 - lo] = data[lo: t1 - 1]
+        targets[j, : t1 - 1 - lo] = data[lo + 1: t1]
+        scored[j, warm: warm + t1 - t0] = True
+    inputs, targets, scored = (torch.from_numpy(t).to(device) for t in (inputs, targets, scored))
+    was_training = model.training
+    model.eval()
+    cache = KVCache(cfg, streams, block, chunk, device, dtype=cache_dtype or next(model.parameters()).dtype)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    bar = tqdm(total=width, desc="cached eval", unit="pos", disable=not progress, leave=False, file=sys.stderr)
+    for c0 in range(0, width, chunk):
+        with autocast():
+            logits = model(inputs[:, c0:c0 + chunk], cache=cache)
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets[:, c0:c0 + chunk], reduction="none")
+        nll += (losses.double() * scored[:, c0:c0 + chunk]).sum()
+        bar.update(logits.shape[1])
+    bar.close()
+    model.train(was_training)
+    count = int(scored.sum())
+    return {"bpc": float(nll) / max(count, 1) / math.log(2), "bytes": count, "nll_nats": float(nll),
+            "streams": streams, "chunk": chunk}
+
+
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import model_from_checkpoint
     from train.data import load_corpus
@@ -89,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data.source", dest="source", help="corpus (default: the checkpoint's)")
     p.add_argument("--data.data_dir", dest="data_dir", help="data folder (default: the checkpoint's)")
     p.add_argument("--split", default="test", choices=["val", "test", "all"], help="all = val and test")
-    p.add_argument("--stride", type=int, default=0, help="bytes between windows (default: block_size)")
+    p.add_argument("--mode", default="strided", choices=["strided", "cached"],
+                   help="strided: exact windows (the reference); cached: KV-cache streaming (RoPE models)")
+    p.add_argument("--stride", type=int, default=0, help="strided: bytes between windows (default: block_size)")
+    p.add_argument("--streams", type=int, default=16, help="cached: parts of the split run side by side")
+    p.add_argument("--chunk", type=int, default=0, help="cached: positions per forward pass (default: block_size)")
     p.add_argument("--max_bytes", type=int, default=0, help="score only the first N bytes of each split")
     p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -102,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         corpus = load_corpus(data_cfg)
         block = cfg.model.block_size
         stride = args.stride or block
-        if args.max_bytes < 0 or args.batch_size < 1:
-            raise ConfigError("--max_bytes must be >= 0 and --batch_size >= 1")
+        if args.max_bytes < 0 or args.batch_size < 1 or args.streams < 1 or args.chunk < 0:
+            raise ConfigError("--max_bytes and --chunk must be >= 0, --batch_size and --streams >= 1")
         splits = ["val", "test"] if args.split == "all" else [args.split]
         autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if (
             device == "cuda" and cfg.train.precision == "bf16") else nullcontext
@@ -112,14 +171,21 @@ def main(argv: list[str] | None = None) -> int:
             a, b = corpus.bounds[name]
             if args.max_bytes:
                 b = min(b, a + args.max_bytes)
-            results[name] = evaluate_bytes(model, corpus.data, a, b, block, stride, args.batch_size, device, autocast)
+            if args.mode == "cached":
+                results[name] = evaluate_cached(model, corpus.data, a, b, args.streams, args.chunk, device, autocast,
+                                                cache_dtype=torch.bfloat16 if autocast is not nullcontext else None)
+            else:
+                results[name] = evaluate_bytes(model, corpus.data, a, b, block, stride, args.batch_size, device,
+                                               autocast)
             print(f"{name}: {results[name]['bpc']:.4f} bpc over {results[name]['bytes']:,} bytes", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     nll, n = sum(r["nll_nats"] for r in results.values()), sum(r["bytes"] for r in results.values())
-    out = {"bpc": nll / n / math.log(2), "bytes": n, "protocol": "strided", "block_size": block, "stride": stride,
-           "split": args.split, "seconds": round(time.time() - t0, 3), "splits": results,
+    protocol = {"protocol": "strided", "stride": stride} if args.mode == "strided" else {
+        "protocol": "cached", "window": block, "streams": results[splits[0]]["streams"],
+        "chunk": results[splits[0]]["chunk"]}
+    out = {"bpc": nll / n / math.log(2), "bytes": n, **protocol, "block_size": block, "split": args.split, "seconds": round(time.time() - t0, 3), "splits": results,
            "checkpoint": str(args.ckpt), "step": ckpt.get("step"), "dataset": corpus.identity}
     print(json.dumps(out))
     return 0

@@ -1,10 +1,13 @@
 """Generate bytes from a checkpoint.
 
     python -m train.sample --ckpt runs/a/ckpt.pt [--prompt TEXT] [--tokens N] [--temperature T] [--top_k K]
-                           [--seed S] [--device auto|cpu|cuda]
+                           [--seed S] [--no_cache] [--device auto|cpu|cuda]
 
-Each new byte recomputes the model over the last block_size bytes. Invalid UTF-8 is shown with replacement
-characters; the bytes themselves are kept exact.
+Context policy (the same with and without the KV cache, so both give the same bytes): the model sees the bytes
+from a window start s to the current position; once that window holds block_size bytes, s moves up so that the
+last block_size // 2 bytes are kept. With the cache (the default) a byte costs one incremental pass and a window
+move one pass over the kept bytes; without it every byte recomputes its whole window. Invalid UTF-8 is shown
+with replacement characters; the bytes themselves are kept exact.
 """
 from __future__ import annotations
 
@@ -15,29 +18,43 @@ import time
 import torch
 from tqdm import tqdm
 
+from model.kv_cache import KVCache
 from train.config import ConfigError
 
 
 @torch.no_grad()
 def generate(model, prompt: bytes, n_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             generator: torch.Generator | None = None, progress: bool = False) -> bytes:
+             generator: torch.Generator | None = None, use_cache: bool = True, progress: bool = False) -> bytes:
     """Append n_tokens sampled bytes to prompt (temperature 0 = greedy)."""
     device = next(model.parameters()).device
     block = model.cfg.block_size
-    seq = torch.tensor(list(prompt) or [ord("\n")], dtype=torch.long, device=device)[None]
+    keep = max(1, block // 2)
+    seq = list(prompt) or [ord("\n")]
+    cache = KVCache(model.cfg, 1, block, block, device) if use_cache else None
+    start = 0  # the window: the model sees seq[start:]
+    cached_from, fed = 0, 0  # the cache holds seq[cached_from:fed]
     for _ in tqdm(range(n_tokens), desc="sampling", unit="B", disable=not progress, file=sys.stderr):
-        logits = model(seq[:, -block:])[:, -1].float()
+        if len(seq) - start >= block:
+            start = len(seq) - keep
+        if cache is None:
+            logits = model(torch.tensor([seq[start:]], device=device))[0, -1]
+        else:
+            if cached_from != start:  # the window moved: refill the cache with the kept bytes
+                cache.reset()
+                cached_from = fed = start
+            logits = model(torch.tensor([seq[fed:]], device=device), cache=cache)[0, -1]
+            fed = len(seq)
+        logits = logits.float()
         if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
+            nxt = int(logits.argmax())
         else:
             logits = logits / temperature
             if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, -1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
-        seq = torch.cat([seq, nxt], dim=1)
-    return bytes(seq[0, -n_tokens:].tolist()) if n_tokens else b""
+            nxt = int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
+        seq.append(nxt)
+    return bytes(seq[-n_tokens:]) if n_tokens else b""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely bytes; 0 = all")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole window for every byte")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     try:
@@ -63,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     prompt = args.prompt.encode("utf-8")
     t0 = time.time()
     out = generate(model, prompt, args.tokens, args.temperature, args.top_k,
-                   torch.Generator().manual_seed(args.seed), progress=sys.stderr.isatty())
+                   torch.Generator().manual_seed(args.seed), use_cache=not args.no_cache,
+                   progress=sys.stderr.isatty())
     dt = time.time() - t0
     sys.stdout.write((prompt + out).decode("utf-8", errors="replace") + "\n")
-    print(f"[{args.tokens} bytes in {dt:.2f} s: {args.tokens / max(dt, 1e-9):.1f} bytes/s]", file=sys.stderr)
+    print(f"[{args.tokens} bytes in {dt:.2f} s: {args.tokens / max(dt, 1e-9):.1f} bytes/s, "
+          f"{'no cache' if args.no_cache else 'KV cache'}]", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,62 @@
+"""A preallocated per-layer key/value cache with positions, for generation and the cached evaluator.
+
+The cache holds the keys and values of up to `capacity` consecutive positions per layer and stream, slot 0 being
+absolute position `start`. A forward pass over n new positions appends their keys and values in every layer and
+attends over the cache with a sliding window: the query at position p sees the positions p - window + 1 .. p.
+Before each pass, `make_room(n)` drops the oldest positions that no new query can see. Keys are stored before the
+rotary rotation and rotated at use, relative to `start`, so positions stay small however long the stream runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from model.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch: int, window: int, chunk: int, device, dtype=torch.float32):
+        """window: how many positions a query sees (itself included); chunk: most positions per forward pass."""
+        self.window, self.chunk = window, chunk
+        self.capacity = window - 1 + chunk
+        if not 1 <= window <= cfg.block_size or not 1 <= chunk <= cfg.block_size:
+            raise ValueError(f"window ({window}) and chunk ({chunk}) must be in [1, block_size={cfg.block_size}]")
+        shape = (cfg.n_layer, batch, cfg.n_head, self.capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.start, self.length = 0, 0
+
+    def reset(self) -> None:
+        self.start, self.length = 0, 0
+
+    def make_room(self, n: int) -> None:
+        """Drop the oldest positions so that n more fit; the last window - 1 positions are always kept."""
+        if n > self.chunk:
+            raise ValueError(f"a pass of {n} positions exceeds the cache's chunk of {self.chunk}")
+        drop = self.length + n - self.capacity
+        if drop > 0:
+            keep = self.length - drop
+            self.k[:, :, :, :keep] = self.k[:, :, :, drop:self.length].clone()
+            self.v[:, :, :, :keep] = self.v[:, :, :, drop:self.length].clone()
+            self.start, self.length = self.start + drop, keep
+
+    def positions(self, n: int) -> torch.Tensor:
+        """Absolute positions of the next n entries."""
+        first = self.start + self.length
+        return torch.arange(first, first + n, device=self.k.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this layer's keys and values (B, H, n, hd) of the next n positions; returns all cached keys and
+        values of the layer, their positions relative to `start`, and the mask (n, cached) of what each new query
+        may attend."""
+        n = k.shape[2]
+        end = self.length + n
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        key_pos = torch.arange(end, device=k.device)
+        query_pos = key_pos[self.length:]
+        mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - self.window)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], key_pos, mask
+
+    def advance(self, n: int) -> None:
+        """Commit the n positions that every layer has stored."""
+        self.length += n
