@@ -3,21 +3,16 @@ reported as GB/s of ideal traffic against the device's measured copy bandwidth.
 
     pytest bench/bench_rmsnorm.py -s       (GPU; skipped without CUDA)
 """
-import pytest
 import torch
 
-from bench.gpu import SHAPES, measure, needs_cuda
+from bench.timing import measure, row_kernel_suite, row_kernel_test
 from kernels import rmsnorm
 from kernels.reference import rmsnorm_ref
 
-pytestmark = needs_cuda
 IMPLS = {"triton": rmsnorm, "eager": rmsnorm_ref, "compiled": torch.compile(rmsnorm_ref)}
 
 
-@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("rows, d", SHAPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_rmsnorm(benchmark, impl, rows, d, pass_):
+def run_case(impl: str, rows: int, d: int, pass_: str, benchmark=None) -> dict:
     fn, backward, n = IMPLS[impl], pass_ == "fwd+bwd", rows * d * 2  # bytes of one bf16 activation
 
     def make():
@@ -30,5 +25,13 @@ def test_rmsnorm(benchmark, impl, rows, d, pass_):
         if backward:
             y.backward(dy)
     # ideal traffic: read x, write y; the backward reads x and dy and writes dx
-    measure(benchmark, step, make, traffic=n * (5 if backward else 2), input_bytes=3 * n, dtype="bf16",
-            shape=f"{rows}x{d}", impl=impl, pass_=pass_)
+    case = f"rmsnorm/{pass_}/{rows}x{d}"
+    return measure(benchmark, step, make, traffic=n * (5 if backward else 2), input_bytes=3 * n,
+                   name=f"{case}/{impl}", reference=f"{case}/compiled", dtype="bf16", shape=f"{rows}x{d}")
+
+
+def suite() -> list[dict]:
+    return row_kernel_suite(run_case, IMPLS)
+
+
+test_rmsnorm = row_kernel_test(run_case, IMPLS)

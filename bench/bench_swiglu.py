@@ -4,21 +4,16 @@ measured copy bandwidth.
 
     pytest bench/bench_swiglu.py -s        (GPU; skipped without CUDA)
 """
-import pytest
 import torch
 
-from bench.gpu import SHAPES, measure, needs_cuda
+from bench.timing import measure, row_kernel_suite, row_kernel_test
 from kernels import swiglu_packed
 from kernels.reference import swiglu_packed_ref
 
-pytestmark = needs_cuda
 IMPLS = {"triton": swiglu_packed, "eager": swiglu_packed_ref, "compiled": torch.compile(swiglu_packed_ref)}
 
 
-@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("rows, d", SHAPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_swiglu(benchmark, impl, rows, d, pass_):
+def run_case(impl: str, rows: int, d: int, pass_: str, benchmark=None) -> dict:
     fn, backward, n = IMPLS[impl], pass_ == "fwd+bwd", rows * d * 2  # bytes of one bf16 (rows, d) tensor
 
     def make():
@@ -30,5 +25,13 @@ def test_swiglu(benchmark, impl, rows, d, pass_):
         if backward:
             y.backward(dy)
     # ideal traffic: read gate and up, write y; the backward reads dy, gate, up and writes dgate, dup
-    measure(benchmark, step, make, traffic=n * (8 if backward else 3), input_bytes=4 * n, dtype="bf16",
-            shape=f"{rows}x{d}", impl=impl, pass_=pass_)
+    case = f"swiglu/{pass_}/{rows}x{d}"
+    return measure(benchmark, step, make, traffic=n * (8 if backward else 3), input_bytes=4 * n,
+                   name=f"{case}/{impl}", reference=f"{case}/compiled", dtype="bf16", shape=f"{rows}x{d}")
+
+
+def suite() -> list[dict]:
+    return row_kernel_suite(run_case, IMPLS)
+
+
+test_swiglu = row_kernel_test(run_case, IMPLS)

@@ -105,18 +105,19 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.outer(torch.arange(2 * block_size, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        # full-width tables: out = x * cos + swap_halves(x) * sin, i.e. (x1 cos - x2 sin, x2 cos + x1 sin)
+        self.register_buffer("cos", angles.cos().repeat(1, 2).float(), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=1).float(), persistent=False)
 
     def forward(self, x, positions: torch.Tensor | None = None):
-        """x (B, H, T, hd); positions (T,) or None for 0..T-1."""
+        """x (B, H, T, hd); positions (T,) or None for 0..T-1. Computed in fp32, returned in x's dtype."""
         if positions is None:
             cos, sin = self.cos[: x.shape[-2]], self.sin[: x.shape[-2]]
         else:
             cos, sin = self.cos[positions], self.sin[positions]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * cos + torch.cat((x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 # ---------------------------------------------------------------- attention

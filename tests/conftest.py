@@ -21,9 +21,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def sample_file(tmp_path_factory) -> Path:
-    """The unpacked gensim sample (6,089,746 bytes), in a temporary data_dir."""
-    return sample_path(DataConfig(source="sample", data_dir=str(tmp_path_factory.mktemp("data"))))
+def sample_file() -> Path:
+    """The unpacked gensim sample (6,089,746 bytes) in the repository's data/ folder, where the trainer keeps it
+    too; unpacked from gensim if it is not there yet (machines without gensim, like the GPU machines, carry it)."""
+    return sample_path(DataConfig(source="sample", data_dir=str(REPO / "data")))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""CUDA checks (ctest -L gpu; deselected on CPU CI with -m "not gpu"): bf16 autocast and torch.compile."""
+"""CUDA checks (ctest -L gpu; skipped without a GPU): bf16 autocast, torch.compile, flash attention."""
+import dataclasses
+import importlib.util
 import math
 
 import pytest
@@ -34,3 +36,16 @@ def test_compiled_bf16_training_on_cuda(small_corpus, tmp_path):
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r and "event" not in r]
     assert all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3]) - 0.9
     assert math.isfinite(final["full_val_bpc"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed here")
+def test_flash_attention_matches_sdpa():
+    cfg = dataclasses.replace(t12().model, n_layer=2, dropout=0.0, attention="sdpa")
+    x = torch.randint(0, 256, (2, cfg.block_size), device="cuda")
+    outs = []
+    for attention in ("sdpa", "flash"):
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(cfg, attention=attention)).cuda()
+        with torch.autocast("cuda", torch.bfloat16):
+            outs.append(model(x).float())
+    assert (outs[0] - outs[1]).abs().max().item() < 5e-2 * outs[0].abs().max().item()

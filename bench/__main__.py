@@ -1,0 +1,90 @@
+"""The benchmark suite for the current device, as a table of speed-ups over the reference PyTorch.
+
+    python -m bench [--only train_step eval mhce rmsnorm swiglu] [--repeat N] [--json PATH]
+                    [--check [--tolerance X]] [--update-baseline]
+
+Every case is timed against its reference in the same run (the plain reference GPT for training steps, stride-1
+strided evaluation for the evaluator, torch.compile'd references for kernels on a GPU, the per-head loop for the
+loss on a CPU), and the ratio, reference time / time, is what is kept and compared: absolute times vary between
+machines of a class, ratios much less. `--check` compares the ratios with bench/baselines/<device>.json and exits
+1 when any falls more than the tolerance below its baseline (or a baseline case did not run); `--update-baseline`
+rewrites that file. With --repeat N each ratio is the median of N runs, and the spread between runs is shown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from bench import bench_eval, bench_mhce, bench_rmsnorm, bench_swiglu, bench_train_step
+from bench.compare import compare, device_class, failed, load_baseline, median_ratios, ratios, save_baseline
+from bench.compare import verdict_table
+from bench.timing import device_name
+
+SUITES = {"train_step": bench_train_step.suite, "eval": bench_eval.suite, "mhce": bench_mhce.suite,
+          "rmsnorm": bench_rmsnorm.suite, "swiglu": bench_swiglu.suite}
+DEFAULT_TOLERANCE = 0.10
+
+
+def table(results: list[dict], ratio: dict[str, float]) -> str:
+    rows = [f"{'case':<48} {'dtype':<5} {'time':>10} {'vs ref':>7}  more"]
+    for r in results:
+        more = ", ".join(f"{k}={r[k]:.3g}" for k in ("tokens_per_s", "mfu", "bytes_per_s", "gbps", "of_copy",
+                                                      "peak_extra_mib") if k in r)
+        vs = f"{ratio[r['name']]:7.3f}" if r["name"] in ratio else f"{'ref':>7}"
+        rows.append(f"{r['name']:<48} {r['dtype']:<5} {r['seconds'] * 1e3:8.3f}ms {vs}  {more}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", choices=list(SUITES), help="suites to run (default: all)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of the suite; ratios are their medians")
+    p.add_argument("--json", help="write every result (and the ratios) to this file")
+    p.add_argument("--check", action="store_true", help="compare with the stored baseline; exit 1 on a regression")
+    p.add_argument("--tolerance", type=float, help="relative drop allowed by --check (default: the baseline's)")
+    p.add_argument("--update-baseline", action="store_true", help="store these ratios as the baseline")
+    args = p.parse_args(argv)
+    device = device_name()
+    names = args.only or list(SUITES)
+    runs, results = [], []
+    for i in range(args.repeat):
+        t0 = time.time()
+        results = [r for name in names for r in SUITES[name]()]
+        runs.append(ratios(results))
+        print(f"run {i + 1}/{args.repeat}: {len(results)} cases in {time.time() - t0:.0f} s", file=sys.stderr)
+    current, spread = median_ratios(runs)
+    print(f"\n{device} ({device_class(device)}): speed-up over the reference, measured in the same run\n")
+    print(table(results, current))
+    if args.repeat > 1:
+        print("\nspread between runs (max/min - 1): " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(spread.items())))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "results": results, "ratios": current, "spread": spread}, f, indent=2)
+    baseline = load_baseline(device)
+    if args.update_baseline:
+        tolerance = args.tolerance or (baseline or {}).get("tolerance", DEFAULT_TOLERANCE)
+        path = save_baseline(device, current, tolerance, {"suites": names, "repeat": args.repeat,
+                                                          "measured": time.strftime("%Y-%m-%d")})
+        print(f"\nbaseline written: {path}")
+    if args.check:
+        if baseline is None:
+            print(f"\nerror: no baseline for {device_class(device)}: run with --update-baseline first",
+                  file=sys.stderr)
+            return 2
+        tolerance = args.tolerance or baseline.get("tolerance", DEFAULT_TOLERANCE)
+        wanted = {k: v for k, v in baseline["ratios"].items() if k.split("/")[0] in names}
+        verdicts = compare(current, wanted, tolerance)
+        print("\n" + verdict_table(verdicts, tolerance))
+        bad = failed(verdicts)
+        if bad:
+            print(f"\nFAILED: {len(bad)} case(s) " + ", ".join(f"{v.name} ({v.status})" for v in bad),
+                  file=sys.stderr)
+            return 1
+        print("\nbenchmark check passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""A whole training step (forward, backward, AdamW step) of a preset's model: charlm eager, charlm compiled,
+charlm compiled with the Triton kernels, and the plain reference GPT (bench/reference_gpt.py) on the same
+config and batch. Reports seconds per step, tokens/s, MFU (GPU) and the speed-up over the reference.
+
+    pytest bench/bench_train_step.py -s        (cpu preset on any machine; t12 on a GPU)
+    python -m bench                            (the whole suite as a table of ratios)
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from bench.reference_gpt import ReferenceGPT
+from bench.timing import device_name, report, time_per_call
+from model import GPT, ModelConfig, head_weights
+from train.config import PRESETS
+
+IMPLS = ["reference", "charlm-eager", "charlm-compiled", "charlm-compiled-triton"]
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
+
+
+def presets_here() -> list[str]:
+    return ["cpu", "t12"] if torch.cuda.is_available() else ["cpu"]
+
+
+def impls_here() -> list[str]:
+    return IMPLS if torch.cuda.is_available() else IMPLS[:3]  # Triton kernels run on CPUs only interpreted
+
+
+def flops_per_token(cfg: ModelConfig, n_matmul_params: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus causal attention's
+    12 * n_layer * d_model * block_size (PaLM's count, without halving for the causal mask)."""
+    return 6 * n_matmul_params + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
+
+
+def make_step(preset: str, impl: str, device: str):
+    """(step function, model config, batch size, matmul parameter count) for one implementation."""
+    run = PRESETS[preset]()
+    cfg = dataclasses.replace(run.model, dropout=0.0, kernels="triton" if impl.endswith("triton") else "torch")
+    torch.manual_seed(0)
+    model = (ReferenceGPT(cfg) if impl == "reference" else GPT(cfg)).to(device)
+    n_matmul = sum(p.numel() for n, p in model.named_parameters()
+                   if p.dim() >= 2 and not any(k in n for k in ("tok_emb", "pos", "wte", "wpe")))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fn = torch.compile(model) if "compiled" in impl else model
+    batch = run.train.batch_size
+    x = torch.randint(0, 256, (batch, cfg.block_size), device=device)
+    y = torch.randint(0, 256, (batch, cfg.block_size), device=device)
+    hw = torch.tensor(head_weights(cfg, 0.0), device=device)
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device == "cuda" else nullcontext
+
+    def step():
+        with autocast():
+            loss = fn(x, y) if impl == "reference" else fn(x, y, hw)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, cfg, batch, n_matmul
+
+
+def run_case(preset: str, impl: str, benchmark=None) -> dict:
+    """Time one implementation (and, given pytest-benchmark's fixture, hand it the same step)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    step, cfg, batch, n_matmul = make_step(preset, impl, device)
+    seconds = time_per_call(step, [()], calls=10, rounds=7 if device == "cuda" else 9, warmup=3)
+    if benchmark is not None:
+        benchmark.pedantic(step, rounds=3)
+    tokens = batch * cfg.block_size
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name()), None)
+    result = {"name": f"train_step/{preset}/{impl}", "reference": f"train_step/{preset}/reference",
+              "device": device_name(), "dtype": "bf16" if device == "cuda" else "fp32",
+              "shape": f"{cfg.n_layer}L d{cfg.d_model} B{batch} T{cfg.block_size}", "seconds": seconds,
+              "tokens_per_s": tokens / seconds}
+    if peak:
+        result["mfu"] = flops_per_token(cfg, n_matmul) * tokens / seconds / peak
+    return result
+
+
+def suite() -> list[dict]:
+    return [run_case(preset, impl) for preset in presets_here() for impl in impls_here()]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("preset", ["cpu", "t12"])
+def test_train_step(benchmark, preset, impl):
+    if preset not in presets_here() or impl not in impls_here():
+        pytest.skip(f"{preset}/{impl} is timed on a GPU only")
+    result = run_case(preset, impl, benchmark)
+    benchmark.extra_info.update(result)
+    report(result)

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The device suite: one script that turns a lent GPU (H100/H200, no network) into numbers, in under 8 minutes.
+#
+#   bash bench/device_suite.sh [OUT_DIR]              # on the GPU machine; OUT_DIR defaults to $OUT
+#   bash bench/device_suite.sh [OUT_DIR] --cpu-dry-run  # the same steps at tiny sizes on a CPU
+#
+# Steps: environment; GPU parity tests of every kernel in bf16 and fp32 (and the model, KV cache, attention);
+# the kernel, training-step and evaluator benchmarks (python -m bench); a 2-minute T12 training run with its loss
+# curve; a markdown summary. Everything lands in OUT_DIR (8 files at most, as the device tool returns them):
+# env.txt parity.log parity.xml bench.txt bench.json t12_metrics.jsonl curves.png summary.md
+# Keep the summary as bench/results/<card>-<date>.md. A parity failure makes the script exit 1, loudly, but only
+# after every other step has run and written what it measured.
+# The machine has torch, triton, pytest, pytest-benchmark, numpy, tqdm and matplotlib but not gensim: carry the
+# corpus (the device tool's carry: ["data"] with data/enwiki-sample.xml, which any `python -m train
+# --data.source=sample` run here unpacks).
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-bench/results/latest}
+DRY=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-dry-run) DRY=1 ;;
+    *) OUT_DIR=$arg ;;
+  esac
+done
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+
+DATA=sample
+[ -f data/enwiki-sample.xml ] && DATA=data/enwiki-sample.xml
+if [ "$DRY" = 1 ]; then
+  PRESET=tiny; TRAIN_TIME=10; PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_mhce.py"
+else
+  PRESET=t12; TRAIN_TIME=120
+  PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_mhce.py tests/test_model_kernels.py
+                tests/test_kv_cache.py tests/test_gpu.py"
+fi
+
+step "environment"
+{
+  date -u
+  git rev-parse HEAD 2>/dev/null || echo "git: unknown"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 || echo "no nvidia-smi"
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+  echo "dry run: $DRY; data: $DATA"
+} > "$OUT_DIR/env.txt" 2>&1
+cat "$OUT_DIR/env.txt"
+
+step "parity tests ($PARITY_TESTS)"
+# shellcheck disable=SC2086
+$PY -m pytest -q -p no:cacheprovider $PARITY_TESTS --junitxml="$OUT_DIR/parity.xml" > "$OUT_DIR/parity.log" 2>&1
+PARITY=$?
+tail -5 "$OUT_DIR/parity.log"
+
+step "benchmarks (python -m bench)"
+$PY -m bench --json "$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1
+BENCH=$?
+tail -60 "$OUT_DIR/bench.txt"
+
+step "$PRESET training for $TRAIN_TIME s"
+WORK=$(mktemp -d)  # the run folder stays out of OUT_DIR: a T12 checkpoint is ~0.5 GB
+$PY -m train --preset=$PRESET --data.source=$DATA --out_dir="$WORK/run" --train.max_time=$TRAIN_TIME \
+  --train.max_steps=0 --train.eval_interval=100 --train.full_eval_interval=0 --train.ckpt_interval=0 \
+  > "$WORK/train.log" 2>&1
+TRAIN=$?
+tail -3 "$WORK/train.log"
+cp "$WORK/run/metrics.jsonl" "$OUT_DIR/t12_metrics.jsonl" 2>/dev/null
+$PY -m train.plot "$WORK/run" --out "$OUT_DIR/curves.png" > /dev/null 2>&1 || echo "no curves (plot failed)"
+
+step "summary"
+$PY -m bench.summary "$OUT_DIR" --parity-rc $PARITY --bench-rc $BENCH --train-rc $TRAIN \
+  --train-log "$WORK/train.log" > "$OUT_DIR/summary.md"
+cat "$OUT_DIR/summary.md"
+echo
+echo "wrote $OUT_DIR; keep summary.md as bench/results/<card>-<date>.md"
+if [ $PARITY -ne 0 ]; then
+  echo "!!! PARITY FAILED: see $OUT_DIR/parity.log" >&2
+  exit 1
+fi
+[ $BENCH -eq 0 ] && [ $TRAIN -eq 0 ] || exit 1

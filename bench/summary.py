@@ -1,0 +1,108 @@
+"""The device suite's markdown summary, from what bench/device_suite.sh wrote into its output folder.
+
+    python -m bench.summary OUT_DIR [--parity-rc N] [--bench-rc N] [--train-rc N] [--train-log PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+GOALS = {  # what the issues ask of an H100, checked against the measured ratios where the run has them
+    "rmsnorm": "Triton >= 80% of copy bandwidth and never slower than the compiled reference",
+    "swiglu": "Triton >= 80% of copy bandwidth and never slower than the compiled reference",
+    "mhce": "fused op >= 2x the compiled reference, <= 1/10 of its loss-path memory",
+    "eval": "cached evaluation of a T12-sized model over 5 MB <= 30 s",
+}
+
+
+def parity_section(out: Path, rc: int) -> list[str]:
+    lines = ["## Parity tests", ""]
+    xml = out / "parity.xml"
+    if xml.exists():
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite[0]
+        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        lines.append(f"{counts['tests']} tests: {counts['failures']} failed, {counts['errors']} errors, "
+                     f"{counts['skipped']} skipped (pytest exit code {rc})")
+        for case in suite.iter("testcase"):
+            for child in case:
+                if child.tag in ("failure", "error"):
+                    lines.append(f"- **{child.tag.upper()}** {case.get('classname')}::{case.get('name')}: "
+                                 f"{(child.get('message') or '')[:200]}")
+                elif child.tag == "skipped":
+                    lines.append(f"- skipped {case.get('name')}: {(child.get('message') or '')[:150]}")
+    else:
+        lines.append(f"no parity.xml (pytest exit code {rc})")
+    return lines + [""]
+
+
+def bench_section(out: Path, rc: int) -> list[str]:
+    path = out / "bench.json"
+    if not path.exists():
+        return ["## Benchmarks", "", f"no bench.json (python -m bench exit code {rc})", ""]
+    data = json.loads(path.read_text())
+    ratios = data["ratios"]
+    lines = ["## Benchmarks", "", f"Device: {data['device']}. Speed-up = reference time / time, both measured in "
+             "this run.", "", "| case | dtype | shape | time | speed-up | more |", "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        more = ", ".join(f"{k} {r[k]:.3g}" for k in ("tokens_per_s", "mfu", "bytes_per_s", "gbps", "of_copy",
+                                                     "peak_extra_mib", "run_seconds") if k in r)
+        ratio = f"{ratios[r['name']]:.3f}" if r["name"] in ratios else "reference"
+        lines.append(f"| {r['name']} | {r['dtype']} | {r['shape']} | {r['seconds'] * 1e3:.4g} ms | {ratio} | {more} |")
+    lines += ["", "Goals (from the issues): " + "; ".join(f"{k}: {v}" for k, v in GOALS.items()), ""]
+    return lines
+
+
+def train_section(out: Path, rc: int, log: Path | None) -> list[str]:
+    lines = ["## Training run", ""]
+    path = out / "t12_metrics.jsonl"
+    if not path.exists():
+        tail = log.read_text().splitlines()[-15:] if log and log.exists() else []
+        return lines + [f"no metrics (exit code {rc})", "", "```", *tail, "```", ""]
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    start, steps = rows[0], [r for r in rows if "event" not in r]
+    end = rows[-1] if rows[-1].get("event") in ("end", "interrupted") else {}
+    losses = [r["train_loss"] for r in steps if "train_loss" in r]
+    vals = [(r["step"], r["val_bpc"]) for r in steps if "val_bpc" in r]
+    cfg = start["config"]
+    lines += [f"Preset {start.get('preset')} ({start['n_params']:,} parameters, "
+              f"{cfg['train']['precision']}, compile={cfg['train']['compile']}, attention={cfg['model']['attention']}) "
+              f"on {start['dataset']['name']} ({start['dataset']['bytes']:,} bytes), exit code {rc}.", ""]
+    if losses:
+        lines.append(f"- {end.get('step', steps[-1]['step'])} steps in {end.get('train_time_s', 0):.0f} s; train loss "
+                     f"{losses[0] / math.log(2):.3f} -> {losses[-1] / math.log(2):.3f} bits/byte")
+    if steps and "tokens_per_s" in steps[-1]:
+        lines.append(f"- last logged throughput: {steps[-1]['tokens_per_s']:,.0f} tokens/s")
+    if vals:
+        shown = vals[:: max(1, len(vals) // 8)][:8] + ([vals[-1]] if len(vals) > 8 else [])
+        lines.append("- running validation bpc: " + ", ".join(f"{v:.3f} (step {s})" for s, v in shown))
+    if end.get("full_val_bpc"):
+        lines.append(f"- full validation bpc at the end: {end['full_val_bpc']:.4f}")
+    lines.append("- curves: curves.png")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--parity-rc", type=int, default=0)
+    p.add_argument("--bench-rc", type=int, default=0)
+    p.add_argument("--train-rc", type=int, default=0)
+    p.add_argument("--train-log", type=Path)
+    args = p.parse_args(argv)
+    env = (args.out / "env.txt").read_text().strip() if (args.out / "env.txt").exists() else "no env.txt"
+    status = "PASSED" if args.parity_rc == 0 else "**FAILED**"
+    lines = [f"# charlm device suite: parity {status}", "", "```", env, "```", ""]
+    lines += parity_section(args.out, args.parity_rc)
+    lines += bench_section(args.out, args.bench_rc)
+    lines += train_section(args.out, args.train_rc, args.train_log)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Timing for the benchmarks. On a GPU: many calls between two CUDA events, inputs rotated past the L2 cache, the
+median of several rounds, and the device's copy bandwidth for reference. On a CPU: wall-clock medians."""
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import pytest
+import torch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device")
+L2_FLUSH_BYTES = 256 << 20  # inputs are rotated until this much has been touched: past any current L2
+SHAPES = [(8192, 512), (8192, 2048), (32768, 512), (32768, 2048)]  # rows x d of the elementwise/row kernels
+PASSES = ["fwd", "fwd+bwd"]
+
+
+def copies(make, nbytes_each: int) -> list:
+    """Enough independent input sets that cycling through them leaves the L2 cache cold."""
+    return [make() for _ in range(max(1, min(32, L2_FLUSH_BYTES // max(nbytes_each, 1))))]
+
+
+def time_per_call(fn, inputs: list, calls: int = 50, rounds: int = 7, warmup: int = 3) -> float:
+    """Median seconds per call of fn(*inputs[i % len(inputs)]): CUDA events around `calls` calls on a GPU,
+    wall clock around each call on a CPU (where `calls` is ignored and `rounds` calls are timed)."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])  # warm-up (and compilation)
+    if not torch.cuda.is_available():
+        times = []
+        for i in range(rounds):
+            t0 = time.perf_counter()
+            fn(*inputs[i % len(inputs)])
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(calls):
+            fn(*inputs[i % len(inputs)])
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / time_per_call(lambda: dst.copy_(src), [()], calls=20)
+
+
+@functools.cache
+def bandwidth() -> float:
+    return copy_bandwidth()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def report(info: dict) -> None:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()), flush=True)
+
+
+def measure(benchmark, step, make, traffic: int, input_bytes: int, **info) -> dict:
+    """Time step(*inputs) on rotated inputs from make() (also through pytest-benchmark's fixture when given) and
+    return `info` with the time, the GB/s of `traffic` ideal bytes per call and its fraction of the copy
+    bandwidth."""
+    seconds = time_per_call(step, copies(make, input_bytes))
+    if benchmark is not None:
+        benchmark.pedantic(step, args=make(), rounds=3, warmup_rounds=1)
+    info.update(device=device_name(), seconds=seconds, gbps=traffic / seconds / 1e9,
+                of_copy=traffic / seconds / bandwidth())
+    if benchmark is not None:
+        benchmark.extra_info.update(info)
+    report(info)
+    return info
+
+
+def row_kernel_suite(run_case, impls) -> list[dict]:
+    """Every shape x pass x implementation of a row-wise kernel (GPU only; on a CPU the kernels run only
+    interpreted, which says nothing about speed)."""
+    if not torch.cuda.is_available():
+        return []
+    return [run_case(impl, rows, d, pass_) for rows, d in SHAPES for pass_ in PASSES for impl in impls]
+
+
+def row_kernel_test(run_case, impls):
+    """The pytest-benchmark test of a row-wise kernel, parametrized like row_kernel_suite."""
+    @needs_cuda
+    @pytest.mark.parametrize("pass_", PASSES)
+    @pytest.mark.parametrize("rows, d", SHAPES)
+    @pytest.mark.parametrize("impl", list(impls))
+    def test(benchmark, impl, rows, d, pass_):
+        run_case(impl, rows, d, pass_, benchmark)
+    return test
