@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(ratios(results))
         print(f"run {i + 1}/{args.repeat}: {len(results)} cases in {time.time() - t0:.0f} s", file=sys.stderr)
     current, spread = median_ratios(runs)
+    for r in results:
+        r["ratio"] = current.get(r["name"])  # None for a reference
     print(f"\n{device} ({device_class(device)}): speed-up over the reference, measured in the same run\n")
     print(table(results, current))
     if args.repeat > 1:
