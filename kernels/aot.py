@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("error: unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
-    header = f"{'kernel':<24} {'arch':<7} {'warps':>5} {'REG':>4} {'STACK':>5} {'SHARED':>6} {'LOCAL':>5} {'dyn_smem':>8}"
+    header = (f"{'kernel':<24} {'arch':<7} {'warps':>5} {'REG':>4} {'STACK':>5} {'SHARED':>6} {'LOCAL':>5} "
+              f"{'dyn_smem':>8}")
     if not args.json:
         print(header + "\n" + "-" * len(header))
     spills = 0

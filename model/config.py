@@ -20,17 +20,17 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layer (pre-norm blocks)
     bias: bool = True  # biases in linear layers, LayerNorm and classifier heads
-    activation: Literal["gelu", "relu", "solu", "swiglu"] = "gelu"  # MLP nonlinearity (solu = x*softmax(x) then LayerNorm)
-    pos_emb: Literal["learned", "learned_per_layer", "rope"] = "learned"  # learned (once, at the input) | learned_per_layer (every block) | rope
-    residual_scale: Literal["none", "depth-scaled"] = "none"  # depth-scaled multiplies each branch by 1/sqrt(2*n_layer)
-    init: Literal["normal", "gpt2", "small"] = "normal"  # normal: N(0,0.02); gpt2: + output projections /sqrt(2L); small: N(0, sqrt(2/(5d)))
+    activation: Literal["gelu", "relu", "solu", "swiglu"] = "gelu"  # MLP nonlinearity; solu: LayerNorm(x*softmax(x))
+    pos_emb: Literal["learned", "learned_per_layer", "rope"] = "learned"  # added at the input | at every block | rotary
+    residual_scale: Literal["none", "depth-scaled"] = "none"  # depth-scaled: branches x 1/sqrt(2*n_layer)
+    init: Literal["normal", "gpt2", "small"] = "normal"  # N(0,.02) | + out-proj /sqrt(2L) | N(0,sqrt(2/5d))
     n_targets: int = 1  # final heads predicting t+1..t+n_targets (Al-Rfou et al.: 2)
     target_weights: tuple[float, ...] = (1.0,)  # loss weight of each final head, one per target (paper: 1.0, 0.5)
-    intermediate_loss: bool = False  # a classifier after every block but the last; layer l's loss stops at l/(2n) of training
+    intermediate_loss: bool = False  # a head after each block but the last; layer l stops at l/(2n)
     intermediate_weight: float = 1.0  # loss weight of each active intermediate head
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
-    attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash (flash-attn; else sdpa, warned once) | sdpa | math
-    kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU and multi-head loss (torch: references)
+    attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash: flash-attn, else sdpa (warned once)
+    kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU, multi-head loss
 
     @property
     def head_dim(self) -> int:

@@ -2,8 +2,8 @@
 
 Read top to bottom: classifier heads (all of them in one module), then the network. The auxiliary losses of the
 paper are heads: one after every block but the last (intermediate losses) and one per extra target t+k
-(multiple targets). All of them are scored in one batched computation: `kernels.reference.multihead_cross_entropy_ref`, or the fused
-Triton op `kernels.multihead_cross_entropy` with model.kernels=triton.
+(multiple targets). All of them are scored in one batched computation: `kernels.reference.
+multihead_cross_entropy_ref`, or the fused Triton op `kernels.multihead_cross_entropy` with model.kernels=triton.
 """
 from __future__ import annotations
 

@@ -56,14 +56,14 @@ def test_from_dict_rejects_unknown_keys():
 
 def test_every_knob_has_a_comment_and_a_row_in_the_readme():
     readme = (REPO / "README.md").read_text()
-    for key, _, comment in knob_table():
+    for key, _, _, comment in knob_table():
         assert comment, f"{key} has no trailing comment in its dataclass"
         assert re.search(rf"`{re.escape(key)}`", readme), f"{key} is missing from the README's knob table"
         assert f"--{key}" in help_text()
 
 
 def test_the_issue_interface_names_exist():
-    names = {k for k, _, _ in knob_table()}
+    names = {k for k, *_ in knob_table()}
     for key in ["model." + k for k in "n_layer n_head d_model d_ff block_size dropout norm bias activation pos_emb "
                 "residual_scale init n_targets target_weights intermediate_loss tie_embeddings".split()] + \
             ["train." + k for k in "optimizer lr schedule warmup_steps batch_size grad_accum grad_clip max_steps "

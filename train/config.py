@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    optimizer: Literal["adamw", "adam", "sgd", "ivon"] = "adamw"  # adamw | adam (L2 decay) | sgd (momentum) | ivon (ivon-opt)
+    optimizer: Literal["adamw", "adam", "sgd", "ivon"] = "adamw"  # adam: L2 decay; sgd: momentum; ivon: ivon-opt
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine decay over the run, or constant
@@ -50,7 +50,7 @@ class TrainConfig:
     log_interval: int = 10  # steps between metrics lines
     eval_interval: int = 250  # steps between running validations on eval_batches random batches; 0 = never
     eval_batches: int = 20  # batches (of batch_size windows) per running validation
-    full_eval_interval: int = 10000  # steps between full validations over the whole split (and at the end); 0 = only at the end
+    full_eval_interval: int = 10000  # steps between whole-split validations (also at the end); 0 = end only
     ckpt_interval: int = 1000  # steps between checkpoints (and at the end, and on SIGTERM / Ctrl-C)
     skip_nonfinite: bool = False  # skip and count steps with a non-finite loss or gradient norm instead of stopping
     fsdp: bool = False  # shard parameters, gradients and optimiser state with FSDP2 (torchrun, 2+ ranks)
@@ -303,29 +303,38 @@ def parse_args(argv: list[str]) -> Args:
     return Args(cfg, preset, "resume" in flags, "overwrite" in flags, overrides)
 
 
-def knob_table() -> list[tuple[str, str, str]]:
-    """(key, default, comment) for every field, read from the trailing comments of the dataclasses."""
+def _values(typ) -> str:
+    if get_origin(typ) is Literal:
+        return " \\| ".join(get_args(typ))
+    if get_origin(typ) is tuple:
+        return "floats, comma-separated"
+    return typ.__name__
+
+
+def knob_table() -> list[tuple[str, str, str, str]]:
+    """(key, values, default, comment) for every field; comments are read from the dataclasses' source."""
     rows = []
     for section, cls in list(SECTIONS.items()) + [("", Config)]:
         comments = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
         defaults = dataclasses.asdict(cls()) if section else {"out_dir": ""}
-        for name in _field_types(cls) if section else ["out_dir"]:
+        types = _field_types(cls)
+        for name in types if section else ["out_dir"]:
             key = f"{section}.{name}" if section else name
-            rows.append((key, repr(defaults[name]), comments.get(name, "")))
+            rows.append((key, _values(types[name]), repr(defaults[name]), comments.get(name, "")))
     return rows
 
 
 def help_text() -> str:
     lines = ["usage: python -m train [--preset=NAME] [--resume] [--overwrite] [--section.field=value ...]",
              f"presets: {', '.join(PRESETS)} (default: {default_preset()} on this machine)", "", "knobs:"]
-    width = max(len(k) for k, _, _ in knob_table())
-    lines += [f"  --{k:<{width}}  {c} [default {d}]" for k, d, c in knob_table()]
+    width = max(len(k) for k, *_ in knob_table())
+    lines += [f"  --{k:<{width}}  {v.replace(chr(92), '')}: {c} [default {d}]" for k, v, d, c in knob_table()]
     return "\n".join(lines)
 
 
 def knob_markdown() -> str:
     """The README's knob table: `python -m train.config`."""
-    return "\n".join(f"| `{k}` | `{d}` | {c.replace('|', '&#124;')} |" for k, d, c in knob_table())
+    return "\n".join(f"| `{k}` | {v} | `{d}` | {c.replace('|', chr(92) + '|')} |" for k, v, d, c in knob_table())
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {"protocol": "strided", "stride": stride} if args.mode == "strided" else {
         "protocol": "cached", "window": block, "streams": results[splits[0]]["streams"],
         "chunk": results[splits[0]]["chunk"]}
-    out = {"bpc": nll / n / math.log(2), "bytes": n, **protocol, "block_size": block, "split": args.split, "seconds": round(time.time() - t0, 3), "splits": results,
+    out = {"bpc": nll / n / math.log(2), "bytes": n, **protocol, "block_size": block, "split": args.split,
+           "seconds": round(time.time() - t0, 3), "splits": results,
            "checkpoint": str(args.ckpt), "step": ckpt.get("step"), "dataset": corpus.identity}
     print(json.dumps(out))
     return 0
