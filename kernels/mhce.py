@@ -16,9 +16,10 @@ dlogits = (softmax - onehot) * weight / n_valid, then
                    tile index, so at most ceil(tiles / N_SLOTS) programs ever add into the same copy; one torch
                    sum reduces the copies.
 The logits never reach device memory. The backward only rescales the saved gradients by the upstream gradient.
-Limits. V <= 1024 (the whole vocabulary is one tile; charlm's is 256). fp32, bf16 and fp16 inputs; dots in the
-input dtype (fp32: IEEE, not TF32) with fp32 accumulation; loss and d(weight) accumulated in fp32. Per-head losses
-of zero-weight heads are reported as 0 (not computed).
+Limits. V <= 1024 (the whole vocabulary is one tile; charlm's is 256). fp32, bf16 and fp16 inputs (under autocast
+the inputs are cast to the autocast dtype first, as the reference's bmm is); dots in the input dtype (fp32: IEEE,
+not TF32) with fp32 accumulation; loss and d(weight) accumulated in fp32. Per-head losses of zero-weight heads are
+reported as 0 (not computed).
 Speed. Not yet measured on a GPU (bench/bench_mhce.py: goal on an H100 >= 2x the torch.compile'd reference and
 <= 1/10 of its loss-path activation memory).
 """
@@ -202,6 +203,11 @@ def multihead_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets:
         if hidden.shape[0] != weight.shape[0]:
             raise ValueError(f"hidden has {hidden.shape[0]} sources for {weight.shape[0]} heads; pass `source`")
         source = torch.arange(weight.shape[0], device=hidden.device)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # run the matmuls in the autocast dtype, as the reference's bmm does
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, per_head, *_ = _mhce_op(hidden, weight, targets, head_weights, source, bias, need_grad)
     return (loss, per_head) if return_per_head else loss

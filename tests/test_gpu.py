@@ -49,3 +49,18 @@ def test_flash_attention_matches_sdpa():
         with torch.autocast("cuda", torch.bfloat16):
             outs.append(model(x).float())
     assert (outs[0] - outs[1]).abs().max().item() < 5e-2 * outs[0].abs().max().item()
+
+
+def test_fused_loss_under_autocast_matches_the_reference_under_autocast():
+    from kernels import multihead_cross_entropy
+    from kernels.reference import multihead_cross_entropy_ref
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 4096, 512, generator=g).cuda()  # fp32, as LayerNorm outputs under autocast
+    weight = (torch.randn(4, 256, 512, generator=g) * 0.02).cuda()
+    targets = torch.randint(0, 256, (4, 4096), generator=g).cuda()
+    hw, source = torch.tensor([1.0, 1.0, 1.0, 0.5]).cuda(), torch.tensor([0, 1, 2, 2]).cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        got = multihead_cross_entropy(hidden, weight, targets, hw, source)
+        want = multihead_cross_entropy_ref(hidden, weight, targets, hw, source)
+    exact = multihead_cross_entropy_ref(hidden.double(), weight.double(), targets, hw.double(), source)
+    assert abs(float(got) - float(exact)) <= 2 * abs(float(want) - float(exact)) + 1e-3 * float(exact)
