@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
-from kernels.runtime import INTERPRET, next_pow2, use_triton
+from kernels.runtime import INTERPRET, next_pow2, unit_stride, use_triton
 
 N_SLOTS = 4  # fp32 copies of d(weight) that the tiles spread their partial sums over
 
@@ -123,8 +123,7 @@ def mhce_fwd(hidden, weight, targets, head_weights, source, bias, need_grad: boo
     H, V, _ = weight.shape
     if V > 1024:
         raise ValueError(f"multihead_cross_entropy supports a vocabulary of up to 1024 (got {V})")
-    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    hidden, weight = unit_stride(hidden), unit_stride(weight)
     targets = targets.contiguous()
     dev = hidden.device
     counts = (targets != IGNORE_INDEX).sum(1).to(torch.int32)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import rmsnorm_ref
-from kernels.runtime import INTERPRET, next_pow2, num_programs, use_triton
+from kernels.runtime import INTERPRET, as_rows, next_pow2, num_programs, use_triton
 
 MAX_BLOCK_N = 4096
 
@@ -122,9 +122,7 @@ def launch_config(n_cols: int, block_n: int | None = None, interpret: bool = INT
 
 def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, block_n: int | None = None):
     """(y, rstd) for x of any leading shape; rstd is fp32 with x's leading shape."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -137,11 +135,8 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, block_n: int 
 def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                 block_n: int | None = None):
     """(dx, dweight) of rmsnorm_fwd."""
-    n_cols = x.shape[-1]
-    x2, dy2 = x.reshape(-1, n_cols), dy.reshape(-1, n_cols)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
-    n_rows = x2.shape[0]
+    x2, dy2 = as_rows(x), as_rows(dy)
+    n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     cfg = launch_config(n_cols, block_n)
     n_prog = max(1, min(triton.cdiv(n_rows, cfg["BLOCK_M"]), num_programs(x.device)))

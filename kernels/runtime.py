@@ -26,3 +26,13 @@ def num_programs(device: torch.device, waves: int = 4) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dimension is contiguous (what the kernels index with stride 1), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A (rows, last dim) view with a contiguous last dimension, copying only when the layout allows no view."""
+    return unit_stride(t.reshape(-1, t.shape[-1]))

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import swiglu_packed_ref, swiglu_ref
-from kernels.runtime import INTERPRET, next_pow2, use_triton
+from kernels.runtime import INTERPRET, as_rows, next_pow2, use_triton
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -64,18 +64,12 @@ def launch_config(n_cols: int, interpret: bool = INTERPRET) -> dict:
     return {"BLOCK_M": max(1, 2048 // bn), "BLOCK_N": bn, "num_warps": 4}
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D (rows, cols) view with unit column stride, copying only when the layout does not allow a view."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int]:
     return triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])
 
 
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g2, u2 = _rows(gate), _rows(up)
+    g2, u2 = as_rows(gate), as_rows(up)
     n_rows, n_cols = g2.shape
     y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     cfg = launch_config(n_cols)
@@ -88,7 +82,7 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup), written into `out` (2-D views with unit column stride, e.g. the halves of one buffer) if
     given."""
-    d2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
+    d2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
     n_rows, n_cols = g2.shape
     if out is None:
         dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
