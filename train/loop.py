@@ -94,13 +94,14 @@ class Run:
             self.restore(ckpt)
         self.autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if t.precision == "bf16" else nullcontext
         self.meta = {"n_params": self.n_params, "dataset": self.corpus.identity, "git_sha": git_sha()}
+        self.config = to_dict(self.cfg)  # as plain data, for config.json, the logs and every checkpoint
         if dd.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
-        self.log = MetricsLog(self.out, self.cfg.log, dd.main, to_dict(self.cfg),
+            (self.out / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        self.log = MetricsLog(self.out, self.cfg.log, dd.main, self.config,
                               resume_step=self.step if ckpt is not None else None)
         self.log.write({"event": "resume" if ckpt else "start", "step": self.step, **self.meta,
-                        "config": to_dict(self.cfg), "preset": self.preset, "world_size": dd.world,
+                        "config": self.config, "preset": self.preset, "world_size": dd.world,
                         "device": str(self.device), "time": time.time()})
 
     # ------------------------------------------------------------------------------------------ state
@@ -129,7 +130,7 @@ class Run:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(self.out / "ckpt.pt", {
             "model": model_state, "optimizer": optim_state, "step": self.step, "train_time": self.train_time,
-            "skipped": self.skipped, "rng": rng, "config": to_dict(self.cfg), "world_size": self.dd.world,
+            "skipped": self.skipped, "rng": rng, "config": self.config, "world_size": self.dd.world,
             "log_acc": {"loss_sum": float(self.loss_sum), "steps": self.steps_since, "time": self.time_since},
             **self.meta, **extra})
 
