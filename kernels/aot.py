@@ -3,10 +3,12 @@ needed, with each kernel's resource usage as `cuobjdump -res-usage` (shipped in 
 
     python -m kernels.aot [--arch 80 90] [--json]
 
-One row per kernel x variant x arch: REG (registers per thread), STACK, SHARED (static shared memory, bytes),
-LOCAL (bytes of local memory per thread: anything but 0 means register spills), and the dynamic shared memory
-Triton requests. The variants are the dtypes and widths the model launches, with the tile sizes and warps the
-launchers would pick on a GPU. Must run without TRITON_INTERPRET (the interpreter replaces the compiler).
+One row per kernel x variant x arch: REG (registers per thread), STACK (bytes of stack frame per thread), SHARED
+(static shared memory, bytes), LOCAL (bytes of local memory per thread), and the dynamic shared memory Triton
+requests. A STACK or LOCAL other than 0 is a register spill: the exit code is then 1. The variants are the dtypes and
+widths the model launches, with the tile sizes and warps the launchers would pick on a GPU with the installed
+triton (some launch configurations depend on its version). Must run without TRITON_INTERPRET (the interpreter
+replaces the compiler). `.ci/triton_versions` (CI) runs it on every triton version the project accepts.
 """
 from __future__ import annotations
 
@@ -109,8 +111,13 @@ def resource_usage(cubin: bytes) -> dict:
 def compile_variant(v: Variant, arch: int) -> dict:
     kernel = triton.compile(ASTSource(v.fn, v.signature, v.constexprs), target=GPUTarget("cuda", arch, 32),
                             options=v.options)
-    return {"kernel": v.name, "arch": f"sm_{arch}" + ("a" if arch == 90 else ""), "num_warps": v.options["num_warps"],
-            **resource_usage(kernel.asm["cubin"]), "dyn_smem": int(kernel.metadata.shared)}
+    return {"kernel": v.name, "arch": f"sm_{arch}" + ("a" if arch == 90 else ""), "triton": triton.__version__,
+            "num_warps": v.options["num_warps"], **resource_usage(kernel.asm["cubin"]),
+            "dyn_smem": int(kernel.metadata.shared)}
+
+
+def spills(row: dict) -> bool:
+    return row["stack"] > 0 or row["local"] > 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,18 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'kernel':<24} {'arch':<7} {'warps':>5} {'REG':>4} {'STACK':>5} {'SHARED':>6} {'LOCAL':>5} "
               f"{'dyn_smem':>8}")
     if not args.json:
-        print(header + "\n" + "-" * len(header))
-    spills = 0
+        print(f"triton {triton.__version__}, torch {torch.__version__}\n{header}\n" + "-" * len(header))
+    n_spilled = 0
     for v in variants():
         for arch in args.arch:
             row = compile_variant(v, arch)
-            spills += row["local"] > 0
+            n_spilled += spills(row)
             print(json.dumps(row) if args.json else
                   f"{row['kernel']:<24} {row['arch']:<7} {row['num_warps']:>5} {row['reg']:>4} {row['stack']:>5} "
                   f"{row['shared']:>6} {row['local']:>5} {row['dyn_smem']:>8}", flush=True)
-    if spills:
-        print(f"{spills} kernel(s) spill to local memory", file=sys.stderr)
-    return 1 if spills else 0
+    if n_spilled:
+        print(f"{n_spilled} kernel(s) spill registers (STACK or LOCAL > 0) with triton {triton.__version__}",
+              file=sys.stderr)
+    return 1 if n_spilled else 0
 
 
 if __name__ == "__main__":

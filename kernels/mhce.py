@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
-from kernels.runtime import INTERPRET, next_pow2, unit_stride, use_triton
+from kernels.runtime import INTERPRET, TRITON_VERSION, next_pow2, unit_stride, use_triton
 
 N_SLOTS = 4  # fp32 copies of d(weight) that the tiles spread their partial sums over
 
@@ -104,16 +104,21 @@ def _mhce_kernel(X, W, B, T, HW, COUNT, HEAD_ORDER, SRC_START, LOSS_PART, DX, DW
 
 
 # ------------------------------------------------------------------------------------------------ launcher
-def launch_config(V: int, dtype: torch.dtype, interpret: bool = INTERPRET) -> dict:
-    """The whole vocabulary per tile, D in chunks of 16, 8 warps, 2 pipeline stages and 32 positions (16 for fp32
-    inputs or V > 256): the largest tiles that compile without spills for sm_80 and sm_90a at V = 256
-    (kernels.aot; 64 x 64 tiles, or 3 stages in fp32, spill). Under the interpreter larger tiles, since every
-    program instance costs milliseconds."""
+def launch_config(V: int, dtype: torch.dtype, interpret: bool = INTERPRET,
+                  triton_version: tuple[int, int] = TRITON_VERSION) -> dict:
+    """The whole vocabulary per tile, 8 warps, 2 pipeline stages, 32 positions (16 for fp32 inputs or V > 256) and
+    D in chunks of 16: the largest tiles that compile without spills for sm_80 and sm_90a at V = 256 (kernels.aot;
+    64 x 64 tiles, or 3 stages in fp32, spill). fp32 (IEEE dots on the FMA units) sits at the 255-register limit
+    with chunks of 16, and triton 3.9 spills there on sm_90a (40 bytes of stack); triton >= 3.8 accepts fp32 dots
+    with K = 8, and chunks of 8 need 128-184 registers, so fp32 takes chunks of 8 where the compiler allows them
+    (measured with kernels.aot on triton 3.6.0, 3.7.1, 3.8.0 and 3.9.0). Under the interpreter larger tiles, since
+    every program instance costs milliseconds."""
     block_v = max(16, next_pow2(V))
     if interpret:
         return {"BLOCK_N": 64, "BLOCK_V": block_v, "BLOCK_D": 64, "num_warps": 4}
     wide = block_v > 256 or dtype == torch.float32
-    return {"BLOCK_N": 16 if wide else 32, "BLOCK_V": block_v, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2}
+    block_d = 8 if dtype == torch.float32 and triton_version >= (3, 8) else 16
+    return {"BLOCK_N": 16 if wide else 32, "BLOCK_V": block_v, "BLOCK_D": block_d, "num_warps": 8, "num_stages": 2}
 
 
 def mhce_fwd(hidden, weight, targets, head_weights, source, bias, need_grad: bool):

@@ -7,10 +7,43 @@ their references in `kernels.reference`.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
+import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '3.9.0' or '3.6.0+git1234abcd'."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise ValueError(f"cannot read a version from {version!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+TRITON_VERSION = version_tuple(triton.__version__)  # launch configurations that are spill-free differ by version
+
+
+def _patch_old_interpreter_index() -> None:
+    """Triton < 3.7's interpreter turns a scalar into a Python int (a loop bound, say) with int() of a one-element
+    array, which numpy 2.x refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every
+    kernel with a run-time loop bound failed under the interpreter with triton 3.6 (the GPU machines' version).
+    Triton 3.7 squeezes the array first; this does the same for older versions, inside the interpreter's own patch
+    scope (undone after each launch, like the rest of its patches)."""
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET and TRITON_VERSION < (3, 7):
+    _patch_old_interpreter_index()
 
 
 def use_triton(t: torch.Tensor) -> bool:

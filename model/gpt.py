@@ -71,7 +71,7 @@ class Heads(nn.Module):
     def loss(self, inter_h: list[torch.Tensor], final_h: torch.Tensor, y: torch.Tensor, hw: torch.Tensor):
         """inter_h: the intermediate hidden states (empty once they stopped); final_h (B, T, D); y (B, T).
         Returns (weighted loss, per-head mean CE)."""
-        with_inter = bool(inter_h)
+        with_inter = len(inter_h) > 0  # not bool(list): torch 2.11's dynamo cannot trace that
         hidden = torch.stack([norm(h) for norm, h in zip(self.inter_norms, inter_h)] + [final_h])
         weight, bias = self.weights(with_inter)
         targets = [y] * len(inter_h) + [shifted_targets(y, k) for k in range(1, self.n_targets + 1)]

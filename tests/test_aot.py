@@ -1,7 +1,11 @@
-"""Every Triton kernel compiles ahead of time for A100 (sm_80) and H100 (sm_90a) without spilling registers."""
+"""Every Triton kernel compiles ahead of time for A100 (sm_80) and H100 (sm_90a) without spilling registers, with
+the installed triton here and with every supported version in CI (.ci/triton_versions)."""
 import json
+import re
+import tomllib
 
-from conftest import run_cli
+from conftest import REPO, run_cli
+from kernels.runtime import version_tuple
 
 
 def test_every_kernel_compiles_for_both_archs_without_spills():
@@ -20,3 +24,15 @@ def test_every_kernel_compiles_for_both_archs_without_spills():
 def test_aot_refuses_to_run_under_the_interpreter():
     r = run_cli(module="kernels.aot", env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 2 and "unset TRITON_INTERPRET" in r.stderr
+
+
+def test_ci_checks_both_ends_of_the_declared_triton_range():
+    """pyproject's triton dependency admits exactly the minor versions that .ci/triton_versions checks."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    (spec,) = [d for d in pyproject["project"]["dependencies"] if re.match(r"triton\b", d)]
+    lower = version_tuple(re.search(r">=\s*([\d.]+)", spec).group(1))
+    upper = version_tuple(re.search(r"<\s*([\d.]+)", spec).group(1))
+    checked = [version_tuple(v) for v in pyproject["tool"]["charlm"]["triton-versions"]]
+    assert checked == sorted(set(checked)), checked
+    assert checked[0] == lower and checked[-1] == (upper[0], upper[1] - 1), (spec, checked)
+    assert "bash .ci/triton_versions" in (REPO / ".ci" / "run").read_text()

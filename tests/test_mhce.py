@@ -85,19 +85,25 @@ def loss_and_grads(fn, hidden, weight, targets, head_weights, source, bias):
     return [loss.detach(), per_head.detach(), *grads]
 
 
-@pytest.mark.parametrize("D", [64, 96, 512])
-@pytest.mark.parametrize("S, H, N", [(3, 5, 37), (2, 4, 130), (1, 2, 64)])
-def test_fused_op_matches_reference_fp32(S, H, N, D):
-    assert use_triton(torch.empty(0, device=DEVICE)), "the kernels must run here (GPU or TRITON_INTERPRET=1)"
-    inputs = case(S, H, N, D, torch.float32, seed=S * 1000 + N + D)
+def assert_fused_matches_reference(inputs, label: str, atol: float):
+    """The fused op against the fp64 reference, within twice the same-dtype reference's error (+ atol relative to
+    the largest value): loss, per-head losses of the weighted heads (weight-0 heads report 0), every gradient."""
     got = loss_and_grads(multihead_cross_entropy, *inputs)
     same = loss_and_grads(multihead_cross_entropy_ref, *inputs)
     exact = loss_and_grads(multihead_cross_entropy_ref, *(t.double() if t.is_floating_point() else t
                                                           for t in inputs))
     weighted = inputs[3] != 0
-    got[1], same[1], exact[1] = got[1][weighted], same[1][weighted], exact[1][weighted]  # 0 for weight-0 heads
+    got[1], same[1], exact[1] = got[1][weighted], same[1][weighted], exact[1][weighted]
     for name, a, b, c in zip(("loss", "per-head", "d hidden", "d weight", "d bias"), got, same, exact):
-        assert_parity(f"{name} S={S} H={H} N={N} D={D}", a, b, c, 1e-6 * max(1.0, c.abs().max().item()))
+        assert_parity(f"{name} {label}", a, b, c, atol * max(1.0, c.abs().max().item()))
+
+
+@pytest.mark.parametrize("D", [64, 96, 512])
+@pytest.mark.parametrize("S, H, N", [(3, 5, 37), (2, 4, 130), (1, 2, 64)])
+def test_fused_op_matches_reference_fp32(S, H, N, D):
+    assert use_triton(torch.empty(0, device=DEVICE)), "the kernels must run here (GPU or TRITON_INTERPRET=1)"
+    assert_fused_matches_reference(case(S, H, N, D, torch.float32, seed=S * 1000 + N + D), f"S={S} H={H} N={N} D={D}",
+                                   atol=1e-6)
 
 
 def test_zero_weight_heads_contribute_nothing_and_unread_sources_get_zero_gradient():
@@ -134,12 +140,21 @@ def test_gradients_scale_with_the_upstream_gradient():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong under the interpreter: GPU only")
 @pytest.mark.parametrize("D", [64, 96, 512])
 def test_fused_op_matches_reference_bf16_on_gpu(D):
-    inputs = case(3, 5, 1000, D, torch.bfloat16, seed=D)
-    got = loss_and_grads(multihead_cross_entropy, *inputs)
-    same = loss_and_grads(multihead_cross_entropy_ref, *inputs)
-    exact = loss_and_grads(multihead_cross_entropy_ref, *(t.double() if t.is_floating_point() else t
-                                                          for t in inputs))
-    weighted = inputs[3] != 0
-    got[1], same[1], exact[1] = got[1][weighted], same[1][weighted], exact[1][weighted]
-    for name, a, b, c in zip(("loss", "per-head", "d hidden", "d weight", "d bias"), got, same, exact):
-        assert_parity(f"{name} bf16 D={D}", a, b, c, 1e-2 * max(1.0, c.abs().max().item()))
+    assert_fused_matches_reference(case(3, 5, 1000, D, torch.bfloat16, seed=D), f"bf16 D={D}", atol=1e-2)
+
+
+@pytest.mark.parametrize("triton_version", [(3, 6), (3, 8)], ids=["triton3.6", "triton3.8"])
+def test_gpu_launch_configurations_match_reference_fp32(triton_version, monkeypatch):
+    """The tiles a GPU launch uses (they differ by triton version: D in chunks of 16, or 8 from triton 3.8 on),
+    run here too, with D not a multiple of the chunk and N not a multiple of the tile."""
+    from kernels import mhce
+    from kernels.runtime import TRITON_VERSION
+    if triton_version > TRITON_VERSION:
+        pytest.skip(f"triton {'.'.join(map(str, TRITON_VERSION))} cannot build the tiles of triton >= "
+                    f"{'.'.join(map(str, triton_version))}")
+    gpu_config = mhce.launch_config
+    monkeypatch.setattr(mhce, "launch_config", lambda V, dtype: gpu_config(V, dtype, interpret=False,
+                                                                           triton_version=triton_version))
+    assert mhce.launch_config(256, torch.float32)["BLOCK_D"] == (8 if triton_version >= (3, 8) else 16)
+    assert_fused_matches_reference(case(2, 3, 37, 44, torch.float32, seed=sum(triton_version)),
+                                   f"GPU tiles of triton {triton_version}", atol=1e-6)
