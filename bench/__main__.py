@@ -6,9 +6,9 @@
 Every case is timed against its reference in the same run (the plain reference GPT for training steps, stride-1
 strided evaluation for the evaluator, torch.compile'd references for kernels on a GPU, the per-head loop for the
 loss on a CPU), and the ratio, reference time / time, is what is kept and compared: absolute times vary between
-machines of a class, ratios much less. `--check` compares the ratios with bench/baselines/<device>.json and exits
-1 when any falls more than the tolerance below its baseline (or a baseline case did not run); `--update-baseline`
-rewrites that file. With --repeat N each ratio is the median of N runs, and the spread between runs is shown.
+machines of a class, ratios much less. `--check` compares the ratios with bench/baselines/<device>.json (a CPU
+model without a file of its own: cpu.json) and exits 1 when any falls more than the tolerance below its baseline
+(or a baseline case did not run); `--update-baseline` writes the device's own file. With --repeat N each ratio is the median of N runs, and the spread between runs is shown.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         tolerance = args.tolerance or baseline.get("tolerance", DEFAULT_TOLERANCE)
         wanted = {k: v for k, v in baseline["ratios"].items() if k.split("/")[0] in names}
         verdicts = compare(current, wanted, tolerance)
-        print("\n" + verdict_table(verdicts, tolerance))
+        print(f"\nagainst bench/baselines/{baseline['file']} (measured on {baseline['device']})")
+        print(verdict_table(verdicts, tolerance))
         bad = failed(verdicts)
         if bad:
             print(f"\nFAILED: {len(bad)} case(s) " + ", ".join(f"{v.name} ({v.status})" for v in bad),

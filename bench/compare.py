@@ -12,8 +12,9 @@ BASELINES = Path(__file__).parent / "baselines"
 
 
 def device_class(device_name: str) -> str:
-    """The baseline file's stem for a device: 'cpu', or the GPU's name in lower case with dashes."""
-    return "cpu" if device_name == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    """The baseline file's stem for a device: its name in lower case with dashes ('cpu-amd-epyc',
+    'nvidia-h100-80gb-hbm3')."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
 def ratios(results: list[dict]) -> dict[str, float]:
@@ -74,9 +75,17 @@ def failed(verdicts: list[Verdict]) -> list[Verdict]:
     return [v for v in verdicts if v.status in ("regressed", "missing")]
 
 
+def baseline_path(device: str) -> Path | None:
+    """The device's own baseline; a CPU without one falls back to cpu.json (measured on an Intel Xeon)."""
+    for stem in [device_class(device)] + (["cpu"] if device.startswith("cpu") else []):
+        if (BASELINES / f"{stem}.json").exists():
+            return BASELINES / f"{stem}.json"
+    return None
+
+
 def load_baseline(device: str) -> dict | None:
-    path = BASELINES / f"{device_class(device)}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    path = baseline_path(device)
+    return {**json.loads(path.read_text()), "file": path.name} if path else None
 
 
 def save_baseline(device: str, ratios_: dict[str, float], tolerance: float, extra: dict) -> Path:

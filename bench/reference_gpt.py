@@ -3,7 +3,7 @@
 LayerNorm, GELU MLP, scaled_dot_product_attention, learned positions at the input, and the auxiliary losses of a
 charlm config computed the straightforward way: one matmul + cross-entropy per head in a Python loop. It reads
 the shape of a `ModelConfig` (n_layer, n_head, d_model, d_ff, block_size, n_targets, target_weights,
-intermediate_loss) and ignores charlm's other knobs.
+intermediate_loss, intermediate_targets) and ignores charlm's other knobs.
 """
 from __future__ import annotations
 
@@ -42,8 +42,18 @@ class ReferenceGPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         n_inter = cfg.n_layer - 1 if cfg.intermediate_loss else 0
         self.inter_ln = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(n_inter))
-        self.inter_heads = nn.ModuleList(nn.Linear(cfg.d_model, cfg.vocab_size) for _ in range(n_inter))
+        self.inter_heads = nn.ModuleList(nn.ModuleList(nn.Linear(cfg.d_model, cfg.vocab_size)
+                                                       for _ in range(cfg.intermediate_targets))
+                                         for _ in range(n_inter))
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, cfg.vocab_size) for _ in range(cfg.n_targets))
+
+    def targets_loss(self, heads, x, targets):
+        """sum_k weight_k * CE of the t+k+1 head, which has no target in the last k positions."""
+        T, loss = x.shape[1], 0.0
+        for k, (head, weight) in enumerate(zip(heads, self.cfg.target_weights)):
+            logits = head(x[:, : T - k])
+            loss = loss + weight * F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten())
+        return loss
 
     def forward(self, idx, targets):
         T = idx.shape[1]
@@ -52,10 +62,5 @@ class ReferenceGPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i < len(self.inter_heads):
-                logits = self.inter_heads[i](self.inter_ln[i](x))
-                loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        x = self.ln_f(x)
-        for k, (head, weight) in enumerate(zip(self.heads, self.cfg.target_weights)):
-            logits = head(x[:, : T - k])  # the t+k+1 head has no target in the last k positions
-            loss = loss + weight * F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten())
-        return loss
+                loss = loss + self.targets_loss(self.inter_heads[i], self.inter_ln[i](x), targets)
+        return loss + self.targets_loss(self.heads, self.ln_f(x), targets)

@@ -81,7 +81,8 @@ def train_section(out: Path, rc: int, log: Path | None) -> list[str]:
         shown = vals[:: max(1, len(vals) // 8)][:8] + ([vals[-1]] if len(vals) > 8 else [])
         lines.append("- running validation bpc: " + ", ".join(f"{v:.3f} (step {s})" for s, v in shown))
     if end.get("full_val_bpc"):
-        lines.append(f"- full validation bpc at the end: {end['full_val_bpc']:.4f}")
+        lines.append(f"- at the end, whole splits: validation {end['full_val_bpc']:.4f} bpc, test "
+                     f"{end['full_test_bpc']:.4f} bpc ({end['full_val_protocol']})")
     lines.append("- curves: curves.png")
     return lines + [""]
 

@@ -3,6 +3,7 @@ median of several rounds, and the device's copy bandwidth for reference. On a CP
 from __future__ import annotations
 
 import functools
+import platform
 import statistics
 import time
 
@@ -58,7 +59,15 @@ def bandwidth() -> float:
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    """The GPU's name, or 'cpu <model>' (CPU models differ in their ratios, so each may keep its own baseline)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"cpu {model or platform.processor()}".strip()
 
 
 def report(info: dict) -> None:

@@ -16,9 +16,11 @@ dlogits = (softmax - onehot) * weight / n_valid, then
                    tile index, so at most ceil(tiles / N_SLOTS) programs ever add into the same copy; one torch
                    sum reduces the copies.
 The logits never reach device memory. The backward only rescales the saved gradients by the upstream gradient.
-Limits. V <= 1024 (the whole vocabulary is one tile; charlm's is 256). fp32, bf16 and fp16 inputs (under autocast
-the inputs are cast to the autocast dtype first, as the reference's bmm is); dots in the input dtype (fp32: IEEE,
-not TF32) with fp32 accumulation; loss and d(weight) accumulated in fp32. Per-head losses of zero-weight heads are
+Limits. V <= 1024 (the whole vocabulary is one tile; charlm's is 256). fp32 and bf16 inputs (under autocast the
+inputs are cast to the autocast dtype first, as the reference's bmm is); dots in the input dtype (fp32: IEEE, not
+TF32) with fp32 accumulation; loss and d(weight) accumulated in fp32. fp16 is refused: d(logits) are stored in the
+input dtype before the upstream gradient scales them, and at ~1e-7 they would underflow in fp16 (bf16 has fp32's
+range). Gradients come out contiguous whatever the inputs' strides. Per-head losses of zero-weight heads are
 reported as 0 (not computed).
 Speed. Not yet measured on a GPU (bench/bench_mhce.py: goal on an H100 >= 2x the torch.compile'd reference and
 <= 1/10 of its loss-path activation memory).
@@ -141,7 +143,7 @@ def mhce_fwd(hidden, weight, targets, head_weights, source, bias, need_grad: boo
     loss_part = torch.zeros((n_tiles, H), dtype=torch.float32, device=dev)
     def empty():  # a distinct placeholder each time: custom op outputs must not alias one another
         return torch.empty(0, dtype=hidden.dtype, device=dev)
-    dx = torch.empty_like(hidden) if need_grad else empty()
+    dx = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad else empty()  # contiguous
     dw = torch.zeros((n_slots, H, V, D), dtype=torch.float32, device=dev) if need_grad else empty()
     db = torch.zeros((n_slots, H, V), dtype=torch.float32, device=dev) if need_grad and bias is not None else empty()
     b = bias if bias is not None else empty()
@@ -170,10 +172,11 @@ def _mhce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 @_mhce_op.register_fake
 def _(hidden, weight, targets, head_weights, source, bias, need_grad):
     f32 = dict(dtype=torch.float32, device=hidden.device)
+    # contiguous gradients, as mhce_fwd makes them (empty_like would keep a permuted input's strides)
     return (torch.empty((), **f32), torch.empty(weight.shape[0], **f32),
-            torch.empty_like(hidden) if need_grad else hidden.new_empty(0),
-            torch.empty_like(weight) if need_grad else hidden.new_empty(0),
-            torch.empty_like(bias) if need_grad and bias is not None else hidden.new_empty(0))
+            hidden.new_empty(hidden.shape) if need_grad else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_grad else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if need_grad and bias is not None else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -203,12 +206,16 @@ def multihead_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets:
     `kernels.reference.multihead_cross_entropy_ref`."""
     if not use_triton(hidden):
         return multihead_cross_entropy_ref(hidden, weight, targets, head_weights, source, bias, return_per_head)
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if torch.float16 in (hidden.dtype, torch.get_autocast_dtype(device_type) if autocast else None):
+        raise ValueError("multihead_cross_entropy does not take fp16: its d(logits), ~1e-7 at typical batch sizes, "
+                         "would underflow in fp16 before the upstream gradient scales them; use bf16 or fp32")
     if source is None:
         if hidden.shape[0] != weight.shape[0]:
             raise ValueError(f"hidden has {hidden.shape[0]} sources for {weight.shape[0]} heads; pass `source`")
         source = torch.arange(weight.shape[0], device=hidden.device)
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):  # run the matmuls in the autocast dtype, as the reference's bmm does
+    if autocast:  # run the matmuls in the autocast dtype, as the reference's bmm does
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

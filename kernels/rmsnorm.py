@@ -153,8 +153,8 @@ def _rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torc
 
 
 @_rmsnorm_op.register_fake
-def _(x, weight, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=torch.float32)
+def _(x, weight, eps):  # contiguous, as the kernel writes them (not empty_like: that keeps a permuted x's strides)
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("charlm::rmsnorm_backward", mutates_args=())
@@ -165,7 +165,7 @@ def _rmsnorm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 
 @_rmsnorm_backward_op.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):

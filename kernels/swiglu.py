@@ -149,8 +149,8 @@ def _swiglu_packed_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch
 
 
 @_swiglu_packed_backward_op.register_fake
-def _(dy, gate_up):
-    return torch.empty_like(gate_up)
+def _(dy, gate_up):  # contiguous, as the kernel writes it (not empty_like: that keeps a permuted input's strides)
+    return gate_up.new_empty(gate_up.shape)
 
 
 def _setup_packed(ctx, inputs, output):

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+def default_target_weights(n_targets: int) -> tuple[float, ...]:
+    """Al-Rfou et al.'s weights: 1.0 for t+1, 0.5 for every further target."""
+    return (1.0,) + (0.5,) * (n_targets - 1)
+
+
 @dataclass
 class ModelConfig:
     n_layer: int = 12  # transformer blocks
@@ -19,15 +24,17 @@ class ModelConfig:
     vocab_size: int = 256  # bytes; fixed by the data
     dropout: float = 0.0  # dropout on embeddings, attention weights and residual branches
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layer (pre-norm blocks)
-    bias: bool = True  # biases in linear layers, LayerNorm and classifier heads
+    bias: bool = True  # biases in linear layers and LayerNorm (classifier heads: head_bias)
+    head_bias: bool = True  # biases in the classifier heads
     activation: Literal["gelu", "relu", "solu", "swiglu"] = "gelu"  # MLP nonlinearity; solu: LayerNorm(x*softmax(x))
     pos_emb: Literal["learned", "learned_per_layer", "rope"] = "learned"  # added at the input | at every block | rotary
     residual_scale: Literal["none", "depth-scaled"] = "none"  # depth-scaled: branches x 1/sqrt(2*n_layer)
     init: Literal["normal", "gpt2", "small"] = "normal"  # N(0,.02) | + out-proj /sqrt(2L) | N(0,sqrt(2/5d))
     n_targets: int = 1  # final heads predicting t+1..t+n_targets (Al-Rfou et al.: 2)
-    target_weights: tuple[float, ...] = (1.0,)  # loss weight of each final head, one per target (paper: 1.0, 0.5)
+    target_weights: tuple[float, ...] = (1.0,)  # weight of each final head, one per target; default 1.0, 0.5, 0.5, ...
     intermediate_loss: bool = False  # a head after each block but the last; layer l stops at l/(2n)
     intermediate_weight: float = 1.0  # loss weight of each active intermediate head
+    intermediate_targets: int = 1  # each intermediate layer predicts t+1..t+k (t+k weighted by target_weights)
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
     attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash: flash-attn, else sdpa (warned once)
     kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU, multi-head loss
@@ -37,9 +44,19 @@ class ModelConfig:
         return self.d_model // self.n_head
 
     @property
+    def absolute_positions(self) -> bool:
+        """Learned position tables: they cover positions 0..block_size-1 of a window and nothing beyond."""
+        return self.pos_emb in ("learned", "learned_per_layer")
+
+    @property
     def n_intermediate(self) -> int:
-        """Intermediate classifier heads: one after each block but the last."""
+        """Layers with intermediate classifier heads: every block but the last."""
         return self.n_layer - 1 if self.intermediate_loss else 0
+
+    @property
+    def n_intermediate_heads(self) -> int:
+        """Intermediate classifier heads: t+1..t+intermediate_targets after each block but the last."""
+        return self.n_intermediate * self.intermediate_targets
 
     def errors(self) -> list[str]:
         """Every impossible combination, as one-line messages (empty when the config is sound)."""
@@ -58,6 +75,9 @@ class ModelConfig:
         if len(self.target_weights) != self.n_targets:
             out.append(f"model.target_weights has {len(self.target_weights)} values but model.n_targets="
                        f"{self.n_targets}; give one weight per target, e.g. --model.target_weights=1.0,0.5")
+        if not 1 <= self.intermediate_targets <= max(self.n_targets, 1):
+            out.append(f"model.intermediate_targets={self.intermediate_targets} must be between 1 and "
+                       f"model.n_targets={self.n_targets}")
         if any(w < 0 for w in self.target_weights) or self.intermediate_weight < 0:
             out.append("loss weights must be >= 0")
         if self.n_targets >= self.block_size:

@@ -30,29 +30,34 @@ def shifted_targets(y: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def head_weights(cfg: ModelConfig, progress: float) -> list[float]:
-    """Loss weight of every head at `progress` (fraction of training done, 0..1): intermediate heads first
-    (layer l = 1..n-1 counts while progress < l/(2n)), then the final t+1..t+K heads. Once every intermediate
-    head has stopped, only the final heads are returned, so the model skips the intermediate classifiers."""
-    inter = [cfg.intermediate_weight if progress < l / (2 * cfg.n_layer) else 0.0
-             for l in range(1, cfg.n_intermediate + 1)]
+    """Loss weight of every head at `progress` (fraction of training done, 0..1): intermediate heads first, layer
+    by layer (layer l = 1..n-1 counts while progress < l/(2n)): its t+1 head at intermediate_weight, its t+k heads
+    (k = 2..intermediate_targets) at intermediate_weight x target_weights[k-1]; then the final t+1..t+K heads at
+    target_weights. Once every intermediate head has stopped, only the final heads are returned, so the model
+    skips the intermediate classifiers."""
+    per_layer = [1.0] + list(cfg.target_weights[1:cfg.intermediate_targets])
+    inter = [cfg.intermediate_weight * w if progress < l / (2 * cfg.n_layer) else 0.0
+             for l in range(1, cfg.n_intermediate + 1) for w in per_layer]
     final = list(cfg.target_weights)
     return inter + final if any(inter) else final
 
 
 class Heads(nn.Module):
-    """Every classifier: intermediate heads (one norm + linear per block but the last), the t+1 head and the extra
-    t+k heads. Weights are kept stacked (H, V, D) so the loss of all heads is one batched computation."""
+    """Every classifier: intermediate heads (one norm per block but the last, read by that layer's t+1..t+k
+    heads), the t+1 head and the extra t+k heads. Weights are kept stacked (H, V, D) so the loss of all heads is
+    one batched computation; heads of one layer share its hidden state (the kernel's `source`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        V, D, K, L = cfg.vocab_size, cfg.d_model, cfg.n_targets, cfg.n_intermediate
-        self.n_targets, self.n_inter = K, L
+        V, D, K, L, KI = cfg.vocab_size, cfg.d_model, cfg.n_targets, cfg.n_intermediate, cfg.intermediate_targets
+        self.n_targets, self.n_inter_layers, self.n_inter_heads = K, L, L * KI
         self.main = nn.Parameter(torch.empty(V, D))  # t+1; replaced by the embedding when tied
         self.extra = nn.Parameter(torch.empty(K - 1, V, D)) if K > 1 else None
-        self.inter = nn.Parameter(torch.empty(L, V, D)) if L else None
+        self.inter = nn.Parameter(torch.empty(L * KI, V, D)) if L else None  # layer-major: layer l's t+1..t+KI
         self.inter_norms = nn.ModuleList(make_norm(cfg, D) for _ in range(L))
-        self.bias = nn.Parameter(torch.zeros(L + K, V)) if cfg.bias else None
-        source = list(range(L)) + [L] * K  # head h reads this row of the stacked hidden states
+        self.bias = nn.Parameter(torch.zeros(L * KI + K, V)) if cfg.head_bias else None
+        self.inter_shifts = [k for _ in range(L) for k in range(1, KI + 1)]  # head h of the intermediate ones: t+k
+        source = [layer for layer in range(L) for _ in range(KI)] + [L] * K  # head h reads this hidden state
         self.register_buffer("source_all", torch.tensor(source), persistent=False)
         self.register_buffer("source_final", torch.zeros(K, dtype=torch.long), persistent=False)
         self.loss_fn = multihead_cross_entropy if cfg.kernels == "triton" else multihead_cross_entropy_ref
@@ -61,12 +66,12 @@ class Heads(nn.Module):
         parts = ([self.inter] if with_inter and self.inter is not None else []) + [self.main[None]]
         if self.extra is not None:
             parts.append(self.extra)
-        bias = self.bias if self.bias is None or with_inter else self.bias[self.n_inter:]
+        bias = self.bias if self.bias is None or with_inter else self.bias[self.n_inter_heads:]
         return torch.cat(parts), bias
 
     def main_logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = h @ self.main.t()
-        return logits if self.bias is None else logits + self.bias[self.n_inter]
+        return logits if self.bias is None else logits + self.bias[self.n_inter_heads]
 
     def loss(self, inter_h: list[torch.Tensor], final_h: torch.Tensor, y: torch.Tensor, hw: torch.Tensor):
         """inter_h: the intermediate hidden states (empty once they stopped); final_h (B, T, D); y (B, T).
@@ -74,7 +79,8 @@ class Heads(nn.Module):
         with_inter = len(inter_h) > 0  # not bool(list): torch 2.11's dynamo cannot trace that
         hidden = torch.stack([norm(h) for norm, h in zip(self.inter_norms, inter_h)] + [final_h])
         weight, bias = self.weights(with_inter)
-        targets = [y] * len(inter_h) + [shifted_targets(y, k) for k in range(1, self.n_targets + 1)]
+        shifted = [shifted_targets(y, k) for k in range(1, self.n_targets + 1)]  # shifted[k-1]: t+k targets
+        targets = ([shifted[k - 1] for k in self.inter_shifts] if with_inter else []) + shifted
         loss, per_head = self.loss_fn(hidden.flatten(1, 2), weight, torch.stack(targets).flatten(1), hw,
                                       source=self.source_all if with_inter else self.source_final, bias=bias,
                                       return_per_head=True)
@@ -99,10 +105,10 @@ class GPT(nn.Module):
         cfg = self.cfg
         std = math.sqrt(2 / (5 * cfg.d_model)) if cfg.init == "small" else 0.02
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                nn.init.normal_(p, std=std)
-            elif name.endswith("bias"):
+            if name.endswith("bias"):  # whatever its shape: the heads' biases are (H, V)
                 nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                nn.init.normal_(p, std=std)
         if cfg.init == "gpt2":
             for block in self.blocks:
                 for proj in block.residual_projections():
@@ -115,7 +121,7 @@ class GPT(nn.Module):
                 head_weights: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) bytes. Without targets: the t+1 logits (B, T, V).
         With next-byte targets (B, T): (loss, per_head). `head_weights` (from `head_weights()`) selects the heads:
-        n_inter + n_targets values score every head, n_targets values only the final ones; None scores the
+        n_inter_heads + n_targets values score every head, n_targets values only the final ones; None scores the
         t+1 head alone (evaluation).
         With a KV cache (logits only): idx continues the cached positions, attending over the cache's window."""
         T = idx.shape[1]
@@ -130,7 +136,7 @@ class GPT(nn.Module):
         inter_h = []
         for i, block in enumerate(self.blocks):
             x = block(x, cache, positions)
-            if with_inter and i < self.heads.n_inter:
+            if with_inter and i < self.heads.n_inter_layers:
                 inter_h.append(x)
         h = self.norm_f(x)
         if cache is not None:

@@ -24,6 +24,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.start, self.length = 0, 0
+        # learned tables end at block_size: a stream that runs past it would index beyond them
+        self.position_limit = cfg.block_size if cfg.absolute_positions else None
+        self.pos_emb = cfg.pos_emb
 
     def reset(self) -> None:
         self.start, self.length = 0, 0
@@ -40,8 +43,13 @@ class KVCache:
             self.start, self.length = self.start + drop, keep
 
     def positions(self, n: int) -> torch.Tensor:
-        """Absolute positions of the next n entries."""
+        """Absolute positions of the next n entries. With learned (absolute) positions a stream may not run past
+        block_size: that is a ValueError, not an index past the table."""
         first = self.start + self.length
+        if self.position_limit is not None and first + n > self.position_limit:
+            raise ValueError(f"model.pos_emb={self.pos_emb} has positions 0..{self.position_limit - 1} only, and this "
+                             f"cached stream reaches position {first + n - 1}: a rolling KV cache needs relative "
+                             f"positions (model.pos_emb=rope); reset the cache for each window instead")
         return torch.arange(first, first + n, device=self.k.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):

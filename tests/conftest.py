@@ -81,6 +81,14 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
+def permuted(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a dense but non-contiguous layout (the first two dimensions' strides swapped, the last
+    dimension still unit-stride): what a transpose upstream of a kernel hands it."""
+    out = t.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not out.is_contiguous() and out.stride(-1) == 1 and torch.equal(out, t)
+    return out.requires_grad_(t.requires_grad)
+
+
 def assert_parity(name: str, out: torch.Tensor, same_dtype_ref: torch.Tensor, exact: torch.Tensor,
                   atol: float) -> None:
     """flash-attention's rule: the kernel's error against the exact (fp64) result is at most twice the error of

@@ -36,7 +36,17 @@ def test_compare_flags_drops_beyond_tolerance_and_missing_cases():
 
 def test_device_class_names_the_baseline_file():
     assert device_class("cpu") == "cpu"
+    assert device_class("cpu AMD EPYC") == "cpu-amd-epyc"
     assert device_class("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_a_cpu_model_without_a_baseline_of_its_own_uses_the_generic_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(compare_mod, "BASELINES", tmp_path)
+    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tolerance": 0.25, "ratios": {"a": 1.0}}))
+    assert compare_mod.load_baseline("cpu Some Other CPU")["file"] == "cpu.json"
+    (tmp_path / "cpu-amd-epyc.json").write_text(json.dumps({"device": "cpu AMD EPYC", "ratios": {"a": 2.0}}))
+    assert compare_mod.load_baseline("cpu AMD EPYC")["ratios"] == {"a": 2.0}
+    assert compare_mod.load_baseline("NVIDIA H200") is None  # a GPU never falls back to a CPU's numbers
 
 
 @pytest.fixture

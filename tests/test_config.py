@@ -27,7 +27,9 @@ def test_overrides_are_typed():
     (["--model.n_layer=2.5"], "expected an integer"),
     (["--model.bias=maybe"], "expected true or false"),
     (["--model.norm=batchnorm"], "expected one of layernorm | rmsnorm"),
-    (["--model.n_targets=2"], "model.target_weights has 1 values but model.n_targets=2"),
+    (["--model.n_targets=2", "--model.target_weights=1.0"], "model.target_weights has 1 values but model.n_targets=2"),
+    (["--model.n_targets=2", "--model.intermediate_targets=3"], "model.intermediate_targets=3 must be between 1 and"),
+    (["--model.intermediate_targets=0"], "model.intermediate_targets=0 must be between 1 and model.n_targets=1"),
     (["model.n_layer=3"], "unexpected argument 'model.n_layer=3'"),
     (["--model.n_layer"], "--model.n_layer needs a value"),
     (["--model.dropout=1.5"], "model.dropout must be in [0, 1)"),
@@ -70,3 +72,22 @@ def test_the_issue_interface_names_exist():
              "max_time precision compile seed log_interval eval_interval eval_batches full_eval_interval "
              "ckpt_interval".split()] + ["data.source", "out_dir"]:
         assert key in names
+
+
+@pytest.mark.parametrize("n, weights", [(1, [1.0]), (2, [1.0, 0.5]), (4, [1.0, 0.5, 0.5, 0.5])])
+def test_n_targets_alone_gets_the_papers_weights_and_records_them(n, weights):
+    cfg = parse_args(["--preset=tiny", f"--model.n_targets={n}"]).cfg
+    assert to_dict(cfg)["model"]["target_weights"] == weights
+    t12_one = parse_args(["--preset=t12", "--model.n_targets=1", "--model.intermediate_targets=1"]).cfg
+    assert t12_one.model.target_weights == (1.0,)  # the preset's (1.0, 0.5) follows n_targets down
+    with pytest.raises(ConfigError, match="model.intermediate_targets=2 must be between 1 and model.n_targets=1"):
+        parse_args(["--preset=t12", "--model.n_targets=1"])
+    explicit = parse_args(["--preset=tiny", "--model.n_targets=2", "--model.target_weights=1,0.25"]).cfg
+    assert explicit.model.target_weights == (1.0, 0.25)
+
+
+def test_t12_is_the_papers_model_and_never_trains_on_the_sample():
+    cfg = PRESETS["t12"]()
+    assert (cfg.model.n_targets, cfg.model.intermediate_loss, cfg.model.intermediate_targets) == (2, True, 2)
+    assert cfg.data.source == "enwik8" and cfg.data.fallback is False
+    assert PRESETS["cpu"]().data.fallback and PRESETS["tiny"]().data.fallback

@@ -53,6 +53,15 @@ def test_enwik8_offline_falls_back_to_sample_loudly(tmp_path, monkeypatch, capsy
     assert "WARNING" in err and "NOT comparable" in err
 
 
+def test_enwik8_offline_without_fallback_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "ENWIK8_URL", "http://127.0.0.1:9/enwik8.zip")  # nothing listens there
+    with pytest.raises(ConfigError) as e:
+        load_corpus(DataConfig(source="enwik8", data_dir=str(tmp_path), download_timeout=5, fallback=False))
+    message = str(e.value)
+    assert "could not download enwik8" in message and f"put enwik8.zip or enwik8 into {tmp_path}/" in message
+    assert "\n" not in message and not (tmp_path / "enwiki-sample.xml").exists()
+
+
 def test_enwik8_zip_is_verified_and_unpacked(tmp_path, monkeypatch):
     fake = bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8))
     buf = io.BytesIO()

@@ -129,3 +129,21 @@ def test_evaluate_cli_cached_mode(small_corpus, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["protocol"] == "cached" and out["bytes"] == 500 and out["streams"] == 4 and out["window"] == 32
+
+
+def test_evaluate_cli_defaults_to_a_quarter_block_stride_and_scores_a_whole_file(small_corpus, tmp_path):
+    train(Args(tiny_config(small_corpus, tmp_path / "run", train__max_steps="3"), "tiny"))
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    held_out = tmp_path / "mine.txt"
+    held_out.write_bytes(b"Some held-out text of the user's own, scored byte by byte." * 5)
+    r = run_cli("--ckpt", ckpt, "--split", "file", "--file", str(held_out), module="train.evaluate")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["bytes"] == held_out.stat().st_size - 1  # every byte but byte 0, which has no context
+    assert out["stride"] == 8 and out["protocol_name"] == "strided, stride 8 of block 32"
+    assert out["dataset"]["name"] == "mine.txt" and "strided, stride 8 of block 32" in r.stderr
+    for args, message in [(["--split", "file"], "--split file and --file PATH go together"),
+                          (["--file", str(held_out)], "--split file and --file PATH go together"),
+                          (["--split", "file", "--file", str(tmp_path / "nope")], "no such file")]:
+        r = run_cli("--ckpt", ckpt, *args, module="train.evaluate")
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr

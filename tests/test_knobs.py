@@ -1,6 +1,8 @@
-"""Every knob value trains the tiny preset for a few steps with a finite, falling loss."""
+"""Every knob value trains the tiny preset for a few steps with a finite, falling loss, ending below the unigram
+entropy of its validation text."""
 import math
 
+import numpy as np
 import pytest
 
 from conftest import read_metrics, tiny_config
@@ -20,6 +22,9 @@ KNOBS = [
     {"model__init": "small"},
     {"model__n_targets": "2", "model__target_weights": "1.0,0.5"},
     {"model__intermediate_loss": "true", "model__n_layer": "3"},
+    {"model__intermediate_loss": "true", "model__n_layer": "3", "model__n_targets": "2",
+     "model__target_weights": "1.0,0.5", "model__intermediate_targets": "2"},  # the paper's: t+1 and t+2 everywhere
+    {"model__head_bias": "false"},
     {"model__tie_embeddings": "true"},
     {"model__kernels": "triton", "model__norm": "rmsnorm", "model__activation": "swiglu"},  # interpreted on a CPU
     {"model__dropout": "0.1"},
@@ -41,10 +46,25 @@ KNOBS = [
 @pytest.mark.parametrize("overrides", KNOBS, ids=lambda o: ",".join(f"{k.replace('__', '.')}={v}"
                                                                      for k, v in o.items()) or "defaults")
 def test_knob_trains_with_falling_loss(overrides, small_corpus, tmp_path):
-    cfg = tiny_config(small_corpus, tmp_path / "run", **overrides)
+    steps = {} if "train__max_steps" in overrides else {"train__max_steps": "200"}  # ~1 s of training
+    cfg = tiny_config(small_corpus, tmp_path / "run", train__ckpt_interval="100", **steps, **overrides)
     assert cfg.errors() == []
     final = train(Args(cfg, "tiny"))
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r and "event" not in r]
     assert len(losses) >= 8 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
-    assert math.isfinite(final["full_val_bpc"]) and final["full_val_bpc"] < 8.0
+    # below what the byte frequencies alone give: the model uses context (uniform bytes would be 8 bits). SGD and
+    # IVON at this size reach the frequencies' plateau in 200 steps but not past it (measured: 5.33-5.40 bits with
+    # lr, momentum, batch 16 or 500 steps varied, against the text's 5.20): for them, the plateau itself
+    bound = unigram_entropy(small_corpus, "val") + (0.25 if overrides.get("train__optimizer") in ("sgd", "ivon")
+                                                    else 0.0)
+    assert final["full_val_bpc"] < bound, (final["full_val_bpc"], bound)
+
+
+def unigram_entropy(corpus, split: str) -> float:
+    """Entropy (bits) of the split's own byte frequencies: the best any context-free model can score on it."""
+    from train.config import DataConfig
+    from train.data import load_corpus
+    counts = np.bincount(load_corpus(DataConfig(source=str(corpus))).split(split), minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())

@@ -47,6 +47,25 @@ def test_sliding_window_equals_recomputing_each_window():
     assert cache.start > 0 and cache.length <= cache.capacity  # it rolled
 
 
+@pytest.mark.parametrize("pos_emb", ["learned", "learned_per_layer"])
+def test_learned_positions_refuse_a_stream_past_block_size(pos_emb):
+    """The model itself (not only the evaluator) refuses to run a learned-position model past its table in the
+    cache, with a message naming the way out; RoPE streams on."""
+    model = GPT(small(pos_emb=pos_emb)).eval()
+    x = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        cache = KVCache(model.cfg, 1, window=24, chunk=8, device="cpu")
+        for t in range(0, 24, 8):
+            model(x[:, t:t + 8], cache=cache)
+        with pytest.raises(ValueError, match=f"pos_emb={pos_emb} has positions 0..23 only.*reaches position 24"):
+            model(x[:, 24:25], cache=cache)
+        rope = GPT(small(pos_emb="rope")).eval()
+        cache = KVCache(rope.cfg, 1, window=24, chunk=8, device="cpu")
+        for t in range(0, 30, 6):
+            rope(x[:, t:t + 6], cache=cache)
+        assert cache.start + cache.length == 30
+
+
 def test_cache_refuses_oversized_passes():
     cfg = small()
     with pytest.raises(ValueError, match="must be in"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_parity
+from conftest import assert_parity, permuted
 from kernels import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from kernels.runtime import use_triton
@@ -158,3 +158,20 @@ def test_gpu_launch_configurations_match_reference_fp32(triton_version, monkeypa
     assert mhce.launch_config(256, torch.float32)["BLOCK_D"] == (8 if triton_version >= (3, 8) else 16)
     assert_fused_matches_reference(case(2, 3, 37, 44, torch.float32, seed=sum(triton_version)),
                                    f"GPU tiles of triton {triton_version}", atol=1e-6)
+
+
+def test_permuted_hidden_gets_its_gradient_in_the_right_places():
+    """hidden (S, N, D) as a dense non-contiguous view: d(hidden) matches the reference, and the fake (compile-time)
+    outputs have the real ones' strides (torch.library.opcheck)."""
+    hidden, weight, targets, hw, source, bias = case(3, 5, 37, 40, torch.float32, seed=21)
+    inputs = (permuted(hidden), weight, targets, hw, source, bias)
+    assert_fused_matches_reference(inputs, "permuted hidden", atol=1e-6)
+    torch.library.opcheck(torch.ops.charlm.multihead_cross_entropy.default,
+                          (permuted(hidden).requires_grad_(), weight.requires_grad_(), targets, hw, source,
+                           bias.requires_grad_(), True))
+
+
+def test_fp16_is_refused_with_the_reason():
+    hidden, weight, targets, hw, source, bias = case(2, 3, 20, 32, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="does not take fp16: its d\\(logits\\)"):
+        multihead_cross_entropy(hidden.half(), weight.half(), targets, hw, source, bias.half())

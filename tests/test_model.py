@@ -15,16 +15,25 @@ def small(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
-def test_t12_has_about_44m_parameters():
+def test_t12_has_the_papers_44m_parameters():
     n = GPT(t12().model).num_params()
-    # 12 x (attention 1.05M + MLP 2.10M + positions 0.26M) + 13 classifier heads: 42.8M; the paper reports 44M
-    assert 42_000_000 <= n <= 46_000_000, n
+    # 12 x (attention 1.05M + MLP 2.10M + positions 0.26M) + 24 classifier heads of 0.13M; the paper reports 44M
+    assert 44_000_000 <= n <= 44_500_000, n
 
 
 def test_t12_heads_are_the_papers_auxiliary_losses():
     cfg = t12().model
     assert cfg.n_intermediate == 11 and cfg.n_targets == 2 and cfg.target_weights == (1.0, 0.5)
-    assert len(head_weights(cfg, 0.0)) == 13
+    assert head_weights(cfg, 0.0) == [1.0, 0.5] * 12  # t+1 and t+2 at every layer: 24 heads
+    assert head_weights(cfg, 0.5) == [1.0, 0.5]  # from half-time on only the last layer's
+
+
+def test_intermediate_targets_weights_follow_target_weights():
+    cfg = small(n_layer=3, intermediate_loss=True, n_targets=3, target_weights=(1.0, 0.5, 0.25),
+                intermediate_weight=0.4, intermediate_targets=2)
+    assert cfg.n_intermediate_heads == 4
+    assert head_weights(cfg, 0.0) == [0.4, 0.2, 0.4, 0.2, 1.0, 0.5, 0.25]
+    assert head_weights(cfg, 1 / 6) == [0.0, 0.0, 0.4, 0.2, 1.0, 0.5, 0.25]  # layer 1 stopped at 1/6
 
 
 def test_intermediate_layer_l_stops_at_l_over_2n():
@@ -47,35 +56,75 @@ def test_shifted_targets_predict_t_plus_k():
     assert shifted_targets(y, 3).tolist() == [[2, 3, 4, -100, -100], [7, 8, 9, -100, -100]]
 
 
-def test_model_loss_matches_heads_scored_one_by_one():
+def ce(logits, y, k):
+    """Mean CE of a t+k head: position t predicts y[:, t+k-1]; the last k-1 positions have no target."""
+    T = y.shape[1]
+    return F.cross_entropy(logits[:, : T - k + 1].flatten(0, 1), y[:, k - 1:].flatten())
+
+
+@pytest.mark.parametrize("intermediate_targets", [1, 2])
+def test_model_loss_matches_heads_scored_one_by_one(intermediate_targets):
     torch.manual_seed(0)
-    cfg = small(intermediate_loss=True, n_targets=2, target_weights=(1.0, 0.5))
+    cfg = small(intermediate_loss=True, n_targets=2, target_weights=(1.0, 0.5),
+                intermediate_targets=intermediate_targets)
     model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.heads.bias.normal_()  # zero at init: make the layout of the biases visible too
     x, y = torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12))
     hw = torch.tensor(head_weights(cfg, 0.0))
     loss, per_head = model(x, y, hw)
-    # recompute every head by hand from the blocks' outputs
+    # recompute every head by hand from the blocks' outputs: layer-major, t+1..t+k per layer, then the final heads
     h = model.pos_emb(model.tok_emb(x))
     outs = []
     for block in model.blocks:
         h = block(h)
         outs.append(h)
     heads = model.heads
-    expect = []
+    expect, head = [], 0
     for l in range(cfg.n_layer - 1):
-        logits = heads.inter_norms[l](outs[l]) @ heads.inter[l].t() + heads.bias[l]
-        expect.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+        hidden = heads.inter_norms[l](outs[l])
+        for k in range(1, intermediate_targets + 1):
+            expect.append(ce(hidden @ heads.inter[head].t() + heads.bias[head], y, k))
+            head += 1
     final = model.norm_f(outs[-1])
-    expect.append(F.cross_entropy((final @ heads.main.t() + heads.bias[2]).flatten(0, 1), y.flatten()))
-    logits2 = final @ heads.extra[0].t() + heads.bias[3]
-    expect.append(F.cross_entropy(logits2[:, :-1].flatten(0, 1), y[:, 1:].flatten()))
+    expect.append(ce(final @ heads.main.t() + heads.bias[head], y, 1))
+    expect.append(ce(final @ heads.extra[0].t() + heads.bias[head + 1], y, 2))
+    assert len(expect) == len(hw) == (cfg.n_layer - 1) * intermediate_targets + 2
     torch.testing.assert_close(per_head, torch.stack(expect).detach())
     torch.testing.assert_close(loss, (hw * torch.stack(expect)).sum())
     # evaluation: logits of the t+1 head, and its loss alone
     logits = model(x)
     eval_loss, _ = model(x, y)
     torch.testing.assert_close(eval_loss, F.cross_entropy(logits.flatten(0, 1), y.flatten()))
-    torch.testing.assert_close(eval_loss, per_head[2])
+    torch.testing.assert_close(eval_loss, per_head[head])
+
+
+def test_every_bias_starts_at_zero_and_is_never_decayed():
+    from train.config import TrainConfig
+    from train.optim import build_optimizer
+    model = GPT(small(intermediate_loss=True, n_targets=2, target_weights=(1.0, 0.5), intermediate_targets=2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    biases = [n for n in names.values() if n.endswith("bias")]
+    assert "heads.bias" in biases and model.heads.bias.dim() == 2  # (heads, V): shaped like a matrix
+    for n, p in model.named_parameters():
+        if n.endswith("bias"):
+            assert (p == 0).all(), n
+    groups = build_optimizer(model, TrainConfig(weight_decay=0.1), train_bytes=1000).param_groups
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed and not any(n.endswith("bias") for n in decayed)
+    assert {"heads.inter", "heads.main", "tok_emb.weight"} <= decayed
+    shapes = {n: p.dim() for n, p in model.named_parameters()}
+    assert all(shapes[n] >= 2 for n in decayed)  # no norm gains
+    assert sum(len(g["params"]) for g in groups) == len(names)
+
+
+def test_head_bias_is_its_own_knob():
+    def n_bias(model):
+        return sum(n.endswith("bias") for n, _ in model.named_parameters())
+    heads_only = GPT(small(bias=False, head_bias=True))
+    assert heads_only.heads.bias is not None and n_bias(heads_only) == 1
+    assert GPT(small(bias=True, head_bias=False)).heads.bias is None
+    assert n_bias(GPT(small(bias=False, head_bias=False))) == 0
 
 
 def test_dropped_intermediate_heads_get_no_gradient():

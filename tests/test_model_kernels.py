@@ -1,5 +1,6 @@
 """model.kernels=triton (fused RMSNorm, SwiGLU and multi-head loss; the interpreter on a CPU) gives the loss and
-gradients of model.kernels=torch, eagerly and under torch.compile(fullgraph=True)."""
+gradients of model.kernels=torch, eagerly and under torch.compile(fullgraph=True), with the paper's head layout
+(t+1 and t+2 heads at every layer: two heads per hidden state)."""
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def loss_and_grads(cfg: ModelConfig, compile_: bool = False):
 def tiny_model(**kw) -> ModelConfig:
     cfg = tiny().model
     for k, v in dict(norm="rmsnorm", activation="swiglu", intermediate_loss=True, n_layer=3, n_targets=2,
-                     target_weights=(1.0, 0.5), **kw).items():
+                     target_weights=(1.0, 0.5), intermediate_targets=2, **kw).items():
         setattr(cfg, k, v)
     return cfg
 

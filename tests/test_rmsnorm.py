@@ -3,7 +3,7 @@ shapes, rows wider than one block; under TRITON_INTERPRET=1 on a CPU, on the GPU
 import pytest
 import torch
 
-from conftest import assert_parity
+from conftest import assert_parity, permuted
 from kernels import rmsnorm
 from kernels.reference import rmsnorm_ref
 from kernels.rmsnorm import rmsnorm_bwd, rmsnorm_fwd
@@ -72,3 +72,16 @@ def test_compiles_with_fullgraph():
     want = grads(lambda x, w: rmsnorm_ref(x, w) * 2, x, w, dy)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_permuted_input_and_fake_strides_match_the_kernel():
+    """A dense non-contiguous input: right values, and the fake (compile-time) outputs have the real ones' strides
+    (torch.library.opcheck, forward and backward ops)."""
+    x, w, dy = inputs((5, 7, 40), torch.float32, seed=12)
+    xp, dyp = permuted(x), permuted(dy)
+    exact = grads(rmsnorm_ref, x.double(), w.double(), dy.double())
+    for name, a, c in zip(("y", "dx", "dw"), grads(rmsnorm, xp, w, dyp), exact):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5, msg=name)
+    torch.library.opcheck(torch.ops.charlm.rmsnorm.default, (xp.requires_grad_(), w.requires_grad_(), 1e-6))
+    _, rstd = rmsnorm_fwd(x, w, 1e-6)
+    torch.library.opcheck(torch.ops.charlm.rmsnorm_backward.default, (dyp, xp.detach(), w.detach(), rstd))

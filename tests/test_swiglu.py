@@ -3,7 +3,7 @@ shapes, strided halves of one projection; under TRITON_INTERPRET=1 on a CPU, on 
 import pytest
 import torch
 
-from conftest import assert_parity
+from conftest import assert_parity, permuted
 from kernels import swiglu, swiglu_packed
 from kernels.reference import swiglu_packed_ref, swiglu_ref
 from kernels.runtime import use_triton
@@ -52,3 +52,24 @@ def test_mismatched_inputs_are_refused():
         swiglu(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="even last dimension"):
         swiglu_packed(torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("fn", [swiglu, swiglu_packed], ids=["halves", "packed"])
+def test_permuted_input_and_fake_strides_match_the_kernel(fn):
+    """A dense non-contiguous input: right values, and the fake (compile-time) outputs have the real ones' strides
+    (torch.library.opcheck, forward and backward ops)."""
+    g = torch.Generator().manual_seed(13)
+    gate_up = (torch.randn(5, 7, 2 * 21, generator=g) * 3).to(DEVICE)
+    dy = torch.randn(5, 7, 21, generator=g).to(DEVICE)
+    got = run(fn, permuted(gate_up), permuted(dy))
+    exact = run(swiglu_ref, gate_up.double(), dy.double())
+    for name, a, c in zip(("y", "d(gate, up)"), got, exact):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5, msg=name)
+    gp = permuted(gate_up)
+    if fn is swiglu_packed:
+        torch.library.opcheck(torch.ops.charlm.swiglu_packed.default, (gp.requires_grad_(),))
+        torch.library.opcheck(torch.ops.charlm.swiglu_packed_backward.default, (permuted(dy), gp.detach()))
+    else:
+        gate, up = (permuted(t) for t in gate_up.chunk(2, dim=-1))
+        torch.library.opcheck(torch.ops.charlm.swiglu.default, (gate.requires_grad_(), up.requires_grad_()))
+        torch.library.opcheck(torch.ops.charlm.swiglu_backward.default, (permuted(dy), gate.detach(), up.detach()))

@@ -20,7 +20,11 @@ def test_run_writes_config_metrics_and_checkpoint(tiny_run, small_corpus):
     assert [l["step"] for l in steps] == [5, 10, 15, 20]
     assert all({"step", "train_loss", "lr", "tokens_per_s"} <= set(l) for l in steps)
     assert [l["step"] for l in steps if "val_bpc" in l] == [10, 20]
-    assert lines[-1]["event"] == "end" and lines[-1]["full_val_bpc"] > 0
+    assert all(l["val_protocol"] == "random windows, all positions" for l in steps if "val_bpc" in l)
+    end = lines[-1]
+    assert end["event"] == "end" and end["full_val_bpc"] > 0 and end["full_test_bpc"] > 0
+    assert end["full_val_protocol"] == end["full_test_protocol"] == "strided, stride 8 of block 32"
+    assert f"test {end['full_test_bpc']:.4f} bpc" in r.stdout and "(strided, stride 8 of block 32)" in r.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 20 and ckpt["config"] == config and ckpt["dataset"] == start["dataset"]
     assert ckpt["git_sha"] == start["git_sha"] and set(ckpt["rng"]) >= {"torch", "data"}
@@ -76,3 +80,22 @@ def test_sample_cli_no_cache_matches(tiny_run):
 def test_help_lists_the_knobs():
     r = run_cli("--help")
     assert r.returncode == 0 and "--model.n_layer" in r.stdout and "--train.max_time" in r.stdout
+
+
+def test_final_evaluation_can_be_skipped_and_its_batch_and_stride_set(small_corpus, tmp_path, monkeypatch):
+    import train.loop as loop
+    from conftest import tiny_config
+    from train.config import Args
+    calls = []
+    real = loop.evaluate_bytes
+    monkeypatch.setattr(loop, "evaluate_bytes", lambda *a, **k: calls.append((a[5], a[6])) or real(*a, **k))
+    cfg = tiny_config(small_corpus, tmp_path / "a", train__max_steps="2", train__eval_interval="0",
+                      train__full_eval_interval="0", train__final_eval="false")
+    final = loop.train(Args(cfg, "tiny"))
+    assert calls == [] and "full_val_bpc" not in final and "full_test_bpc" not in final
+    cfg = tiny_config(small_corpus, tmp_path / "b", train__max_steps="2", train__eval_interval="0",
+                      train__full_eval_interval="0", train__eval_stride="4", train__eval_batch_size="7")
+    final = loop.train(Args(cfg, "tiny"))
+    assert calls == [(4, 7), (4, 7)] and final["full_val_protocol"] == "strided, stride 4 of block 32"
+    default = tiny_config(small_corpus, tmp_path / "c")
+    assert default.train.eval_batch_size == 0 and default.train.eval_stride == 0  # 4 x batch_size, block / 4

@@ -80,6 +80,9 @@ def enwik8_path(cfg: DataConfig) -> Path | None:
         try:
             _download_enwik8(zpath, cfg.download_timeout)
         except OSError as e:  # URLError, timeouts and checksum failures are all OSErrors
+            if not cfg.fallback:
+                raise ConfigError(f"could not download enwik8 ({e}); put enwik8.zip or enwik8 into {root}/ (or set "
+                                  f"data.fallback=true to train on the 6 MB sample instead)") from None
             _warn(f"could not download enwik8 ({e}).\nFalling back to data.source=sample (Wikipedia XML shipped "
                   f"with gensim, 6.1 MB). Results are NOT comparable to published enwik8 numbers.\nTo use "
                   f"enwik8, put enwik8 or enwik8.zip into {root}/.")

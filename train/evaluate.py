@@ -1,18 +1,21 @@
 """Evaluation of a checkpoint: bits per byte over every byte of a split.
 
-    python -m train.evaluate --ckpt runs/a/ckpt.pt [--data.source=...] [--split val|test|all] [--max_bytes N]
-                             [--mode strided|cached] [--stride N] [--batch_size N] [--streams N] [--chunk N]
+    python -m train.evaluate --ckpt runs/a/ckpt.pt [--data.source=...] [--split val|test|all|file] [--file PATH]
+                             [--max_bytes N] [--mode strided|cached|dynamic] [--stride N] [--batch_size N]
+                             [--streams N] [--chunk N] [--dyn_lr X] [--dyn_decay X] [--dyn_segment N]
                              [--device auto|cpu|cuda]
 
 Protocol `strided`: the split's bytes [a, b) are cut into chunks of `stride` targets. Chunk [c0, c1) is scored by
 one window of the byte stream ending at c1 and at most block_size + 1 bytes long (block_size inputs); only its
 last c1 - c0 predictions count. So every byte of the split is scored exactly once, each with the longest context
 its window gives (at least block_size - stride + 1 bytes once past the start of the file; stride = block_size:
-non-overlapping windows). Context may reach into the bytes that precede the split in the file; byte 0 of the
-file, which has no context, is never a target.
+non-overlapping windows, which give the average byte only half a context and read worse). The default stride is
+block_size / 4 (`default_stride`). Context may reach into the bytes that precede the split in the file; byte 0 of
+the file, which has no context, is never a target. Every bpc is reported with its protocol's name.
 
 Protocol `cached` (see evaluate_cached): streaming with a rolling KV cache; a different function, reported under
-its own name. The last line of stdout is JSON.
+its own name. Protocol `dynamic` (train/dynamic.py): the strided protocol with stride = segment, the model
+learning from each segment after scoring it. The last line of stdout is JSON.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +35,21 @@ from tqdm import tqdm
 
 from model.kv_cache import KVCache
 from train.config import ConfigError, DataConfig
+
+
+DYN_LR, DYN_DECAY = 1e-5, 0.0  # dynamic evaluation's defaults (README, "Evaluation protocols")
+
+
+def default_stride(block_size: int) -> int:
+    """A quarter of the context: every byte then has at least 3/4 of block_size bytes of context, which measured
+    within 0.001 bpc of stride 1 (cpu preset, block 128: stride 32 2.0742, stride 8 2.0747, stride 1 2.0750, while
+    non-overlapping windows, stride 128, read 2.1341), at a quarter of the cost of stride block_size / 16."""
+    return max(1, block_size // 4)
+
+
+def strided_protocol(stride: int, block_size: int) -> str:
+    """The name reported next to every strided bpc."""
+    return f"strided, stride {stride} of block {block_size}"
 
 
 def plan_windows(a: int, b: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
@@ -82,7 +101,8 @@ def evaluate_bytes(model, data: np.ndarray, a: int, b: int, block_size: int, str
         dist.all_reduce(total)
         nll, count = total[0], int(total[1].item())
     nll = float(nll)
-    return {"bpc": nll / max(count, 1) / math.log(2), "bytes": count, "nll_nats": nll}
+    return {"bpc": nll / max(count, 1) / math.log(2), "bytes": count, "nll_nats": nll,
+            "protocol": strided_protocol(stride, block_size)}
 
 
 @torch.no_grad()
@@ -132,7 +152,21 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
     model.train(was_training)
     count = int(scored.sum())
     return {"bpc": float(nll) / max(count, 1) / math.log(2), "bytes": count, "nll_nats": float(nll),
-            "streams": streams, "chunk": chunk}
+            "streams": streams, "chunk": chunk,
+            "protocol": f"cached, window {block}, {streams} streams, chunk {chunk}"}
+
+
+def whole_file(path: str, block_size: int):
+    """A corpus whose one split, `file`, is every byte of the file at path (byte 0, without context, excepted)."""
+    from train.data import Corpus, sha256_file
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"--file {file}: no such file")
+    n = file.stat().st_size
+    if n < 2:
+        raise ConfigError(f"--file {file} has {n} byte(s): nothing to score (byte 0 has no context)")
+    data = np.memmap(file, dtype=np.uint8, mode="r")
+    return Corpus(file.name, file, data, {"file": (0, n)}, sha256_file(file))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True, help="checkpoint written by python -m train")
     p.add_argument("--data.source", dest="source", help="corpus (default: the checkpoint's)")
     p.add_argument("--data.data_dir", dest="data_dir", help="data folder (default: the checkpoint's)")
-    p.add_argument("--split", default="test", choices=["val", "test", "all"], help="all = val and test")
-    p.add_argument("--mode", default="strided", choices=["strided", "cached"],
-                   help="strided: exact windows (the reference); cached: KV-cache streaming (RoPE models)")
-    p.add_argument("--stride", type=int, default=0, help="strided: bytes between windows (default: block_size)")
+    p.add_argument("--split", default="test", choices=["val", "test", "all", "file"],
+                   help="all = val and test; file = every byte of --file (byte 0 excepted)")
+    p.add_argument("--file", help="--split file: a file of held-out text, read as raw bytes")
+    p.add_argument("--mode", default="strided", choices=["strided", "cached", "dynamic"],
+                   help="strided: exact windows (the reference); cached: KV-cache streaming (RoPE models); "
+                        "dynamic: learns from each segment after scoring it (train/dynamic.py)")
+    p.add_argument("--stride", type=int, default=0,
+                   help="strided: bytes scored per window (default: block_size / 4, within ~0.001 bpc of stride 1)")
     p.add_argument("--streams", type=int, default=16, help="cached: parts of the split run side by side")
     p.add_argument("--chunk", type=int, default=0, help="cached: positions per forward pass (default: block_size)")
+    p.add_argument("--dyn_lr", type=float, default=DYN_LR, help="dynamic: step size of the RMS-normalised update")
+    p.add_argument("--dyn_decay", type=float, default=DYN_DECAY, help="dynamic: pull back to the trained weights")
+    p.add_argument("--dyn_segment", type=int, default=0, help="dynamic: bytes per update (default: block_size / 4)")
+    p.add_argument("--dyn_stat_batches", type=int, default=20,
+                   help="dynamic: training batches for the gradient statistics")
     p.add_argument("--max_bytes", type=int, default=0, help="score only the first N bytes of each split")
     p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -158,33 +201,51 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg, ckpt = model_from_checkpoint(args.ckpt, device)
         data_cfg = DataConfig(**{**vars(cfg.data), **{k: v for k, v in (("source", args.source),
                                                                         ("data_dir", args.data_dir)) if v}})
-        corpus = load_corpus(data_cfg)
+        if (args.split == "file") != (args.file is not None):
+            raise ConfigError("--split file and --file PATH go together")
         block = cfg.model.block_size
-        stride = args.stride or block
+        corpus = load_corpus(data_cfg) if args.file is None else whole_file(args.file, block)
+        stride = args.stride or default_stride(block)
         if args.max_bytes < 0 or args.batch_size < 1 or args.streams < 1 or args.chunk < 0:
             raise ConfigError("--max_bytes and --chunk must be >= 0, --batch_size and --streams >= 1")
-        splits = ["val", "test"] if args.split == "all" else [args.split]
+        splits = {"all": ["val", "test"], "file": ["file"]}.get(args.split, [args.split])
         autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if (
             device == "cuda" and cfg.train.precision == "bf16") else nullcontext
         t0, results = time.time(), {}
+        if args.mode == "dynamic":
+            from train.dynamic import gradient_rms
+            if args.dyn_stat_batches < 1 or args.dyn_segment < 0 or args.dyn_segment > block:
+                raise ConfigError(f"--dyn_stat_batches must be >= 1 and --dyn_segment in [0, {block}]")
+            train_split = load_corpus(data_cfg).split("train")  # statistics from the checkpoint's training data
+            rms = gradient_rms(model, train_split, block, cfg.train.batch_size, args.dyn_stat_batches, device,
+                               autocast, seed=cfg.train.seed)
         for name in splits:
             a, b = corpus.bounds[name]
             if args.max_bytes:
                 b = min(b, a + args.max_bytes)
-            if args.mode == "cached":
+            if args.mode == "dynamic":
+                from train.dynamic import evaluate_dynamic
+                results[name] = evaluate_dynamic(model, corpus.data, a, b, args.dyn_segment or default_stride(block),
+                                                 args.dyn_lr, args.dyn_decay, rms, device, autocast)
+            elif args.mode == "cached":
                 results[name] = evaluate_cached(model, corpus.data, a, b, args.streams, args.chunk, device, autocast,
                                                 cache_dtype=torch.bfloat16 if autocast is not nullcontext else None)
             else:
                 results[name] = evaluate_bytes(model, corpus.data, a, b, block, stride, args.batch_size, device,
                                                autocast)
-            print(f"{name}: {results[name]['bpc']:.4f} bpc over {results[name]['bytes']:,} bytes", file=sys.stderr)
+            print(f"{name}: {results[name]['bpc']:.4f} bpc over {results[name]['bytes']:,} bytes "
+                  f"({results[name]['protocol']})", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     nll, n = sum(r["nll_nats"] for r in results.values()), sum(r["bytes"] for r in results.values())
-    protocol = {"protocol": "strided", "stride": stride} if args.mode == "strided" else {
-        "protocol": "cached", "window": block, "streams": results[splits[0]]["streams"],
-        "chunk": results[splits[0]]["chunk"]}
+    protocol = {"strided": lambda: {"protocol": "strided", "stride": stride},
+                "cached": lambda: {"protocol": "cached", "window": block, "streams": results[splits[0]]["streams"],
+                                   "chunk": results[splits[0]]["chunk"]},
+                "dynamic": lambda: {"protocol": "dynamic", "segment": args.dyn_segment or default_stride(block),
+                                    "lr": args.dyn_lr, "decay": args.dyn_decay,
+                                    "stat_batches": args.dyn_stat_batches}}[args.mode]()
+    protocol["protocol_name"] = results[splits[0]]["protocol"]
     out = {"bpc": nll / n / math.log(2), "bytes": n, **protocol, "block_size": block, "split": args.split,
            "seconds": round(time.time() - t0, 3), "splits": results,
            "checkpoint": str(args.ckpt), "step": ckpt.get("step"), "dataset": corpus.identity}

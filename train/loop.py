@@ -24,12 +24,13 @@ from train.checkpoint import check_same_architecture, git_sha, load_checkpoint, 
 from train.config import Args, ConfigError, from_dict, set_value, to_dict, uses_cuda
 from train.data import load_corpus, random_batch
 from train.distributed import Distributed, full_state, load_full_state, no_grad_sync, shard, wrap
-from train.evaluate import evaluate_bytes
+from train.evaluate import default_stride, evaluate_bytes
 from train.guard import StopOnSignal, TrainingError, check_finite
 from train.logger import MetricsLog
 from train.optim import build_optimizer, lr_at, sampling
 
 LN2 = math.log(2)
+RUNNING_PROTOCOL = "random windows, all positions"  # the running val_bpc: eval_batches random batches
 
 
 def prepare_out_dir(args: Args, main: bool) -> tuple[Path, dict | None]:
@@ -152,12 +153,14 @@ class Run:
         self.raw.train(was_training)
         return dd.sum([total])[0] / (t.eval_batches * dd.world) / LN2
 
-    def full_val_bpc(self) -> float:
-        a, b = self.corpus.bounds["val"]
-        block = self.cfg.model.block_size
-        return evaluate_bytes(self.raw, self.corpus.data, a, b, block, block, self.cfg.train.batch_size,
-                              self.device, self.autocast, progress=self.dd.main,
-                              shard=(self.dd.rank, self.dd.world))["bpc"]
+    def full_eval(self, split: str) -> dict:
+        """bpc over every byte of a split with the strided protocol, and the protocol's name."""
+        t, block = self.cfg.train, self.cfg.model.block_size
+        a, b = self.corpus.bounds[split]
+        r = evaluate_bytes(self.raw, self.corpus.data, a, b, block, t.eval_stride or default_stride(block),
+                           t.eval_batch_size or 4 * t.batch_size, self.device, self.autocast,
+                           progress=self.dd.main, shard=(self.dd.rank, self.dd.world))
+        return {f"full_{split}_bpc": r["bpc"], f"full_{split}_protocol": r["protocol"]}
 
     # ------------------------------------------------------------------------------------------ training
     def progress(self) -> float:
@@ -233,9 +236,9 @@ class Run:
             self.loss_sum.zero_()
             self.steps_since, self.time_since = 0, 0.0
         if t.eval_interval and self.step % t.eval_interval == 0:
-            record.update(step=self.step, val_bpc=self.running_val_bpc())
+            record.update(step=self.step, val_bpc=self.running_val_bpc(), val_protocol=RUNNING_PROTOCOL)
         if t.full_eval_interval and self.step % t.full_eval_interval == 0:
-            record.update(step=self.step, full_val_bpc=self.full_val_bpc())
+            record.update(step=self.step, **self.full_eval("val"))
         return record
 
     def loop(self) -> dict:
@@ -265,10 +268,11 @@ class Run:
                          "train_time_s": round(self.train_time, 3)}
             else:
                 final = {"event": "end", "step": self.step, "train_time_s": round(self.train_time, 3),
-                         "full_val_bpc": self.full_val_bpc(), "train_loss": last.get("train_loss"),
-                         "val_bpc": last.get("val_bpc"), "tokens_per_s": last.get("tokens_per_s"),
+                         **(self.full_eval("val") | self.full_eval("test") if t.final_eval else {}),
+                         "train_loss": last.get("train_loss"), "val_bpc": last.get("val_bpc"),
+                         "val_protocol": last.get("val_protocol"), "tokens_per_s": last.get("tokens_per_s"),
                          "n_params": self.n_params, "skipped_steps": self.skipped}
-                self.checkpoint(full_val_bpc=final["full_val_bpc"])
+                self.checkpoint(**{k: v for k, v in final.items() if k.startswith("full_")})
         self.log.write(final)
         return final
 
@@ -299,9 +303,12 @@ def summary(out: Path, final: dict, dataset: dict) -> str:
         return (f"interrupted by {final['signal']} at step {final['step']}; checkpoint saved to {ckpt}\n"
                 f"  resume:   python -m train --resume --out_dir={out}")
     warning = "" if dataset["name"] == "enwik8" else f"  (data: {dataset['name']}, not enwik8: not comparable)"
+    scores = (f"validation {final['full_val_bpc']:.4f} bpc, test {final['full_test_bpc']:.4f} bpc over the whole "
+              f"splits ({final['full_val_protocol']}){warning}" if "full_val_bpc" in final else
+              "no final evaluation (train.final_eval=false)")
     return "\n".join([
-        f"done: {final['step']} steps in {final['train_time_s']:.0f} s of training; "
-        f"validation {final['full_val_bpc']:.4f} bpc over the whole split{warning}",
+        f"done: {final['step']} steps in {final['train_time_s']:.0f} s of training",
+        scores,
         f"run folder: {out}  (config.json, metrics.jsonl, ckpt.pt)",
         "next:",
         f"  evaluate: python -m train.evaluate --ckpt {ckpt} --split test",

@@ -9,11 +9,15 @@ import torch
 from train.config import ConfigError, TrainConfig
 
 
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Matrices and embeddings decay; biases (whatever their shape: the heads' are (H, V)) and norm gains don't."""
+    return p.dim() >= 2 and not name.endswith("bias")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings (dim >= 2), none on biases and norm gains."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, train_bytes: int) -> torch.optim.Optimizer:
