@@ -8,7 +8,8 @@ strided evaluation for the evaluator, torch.compile'd references for kernels on 
 loss on a CPU), and the ratio, reference time / time, is what is kept and compared: absolute times vary between
 machines of a class, ratios much less. `--check` compares the ratios with bench/baselines/<device>.json (a CPU
 model without a file of its own: cpu.json) and exits 1 when any falls more than the tolerance below its baseline
-(or a baseline case did not run); `--update-baseline` writes the device's own file. With --repeat N each ratio is the median of N runs, and the spread between runs is shown.
+(or a baseline case did not run); `--update-baseline` writes the device's own file. With --repeat N each ratio is
+the median of N runs, and the spread between runs is shown.
 """
 from __future__ import annotations
 

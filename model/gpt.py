@@ -50,12 +50,12 @@ class Heads(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         V, D, K, L, KI = cfg.vocab_size, cfg.d_model, cfg.n_targets, cfg.n_intermediate, cfg.intermediate_targets
-        self.n_targets, self.n_inter_layers, self.n_inter_heads = K, L, L * KI
+        self.n_targets, self.n_inter_layers, self.n_inter_heads = K, L, cfg.n_intermediate_heads
         self.main = nn.Parameter(torch.empty(V, D))  # t+1; replaced by the embedding when tied
         self.extra = nn.Parameter(torch.empty(K - 1, V, D)) if K > 1 else None
-        self.inter = nn.Parameter(torch.empty(L * KI, V, D)) if L else None  # layer-major: layer l's t+1..t+KI
+        self.inter = nn.Parameter(torch.empty(self.n_inter_heads, V, D)) if L else None  # layer-major: t+1..t+KI
         self.inter_norms = nn.ModuleList(make_norm(cfg, D) for _ in range(L))
-        self.bias = nn.Parameter(torch.zeros(L * KI + K, V)) if cfg.head_bias else None
+        self.bias = nn.Parameter(torch.zeros(self.n_inter_heads + K, V)) if cfg.head_bias else None
         self.inter_shifts = [k for _ in range(L) for k in range(1, KI + 1)]  # head h of the intermediate ones: t+k
         source = [layer for layer in range(L) for _ in range(KI)] + [L] * K  # head h reads this hidden state
         self.register_buffer("source_all", torch.tensor(source), persistent=False)

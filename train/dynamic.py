@@ -1,7 +1,7 @@
 """Dynamic evaluation (Krause et al. 2018, "Dynamic Evaluation of Neural Sequence Models"; 2019, "... of
 Transformer Language Models"): the model keeps learning from the text it is scored on.
 
-    python -m train.evaluate --ckpt runs/a/ckpt.pt --mode dynamic [--dyn_lr 1e-4] [--dyn_decay 0] [--dyn_segment N]
+    python -m train.evaluate --ckpt runs/a/ckpt.pt --mode dynamic [--dyn_lr 1e-5] [--dyn_decay 0] [--dyn_segment N]
 
 Protocol `dynamic`. The split's targets are cut into segments of `segment` bytes, in order. Segment [c0, c1) is
 first scored exactly as the strided protocol scores it (one window of up to block_size inputs ending at c1, only its
@@ -14,8 +14,8 @@ with rms the root mean square of each parameter's gradient over `stat_batches` r
 at the trained weights theta_0 (RMS-normalised SGD with a decay back to the trained weights, their "RMS with an RMS
 global prior"), mean(rms) its mean over all weights and eps = EPS_REL * mean(rms): a weight the statistics never
 moved (the embedding row of a byte absent from those batches) takes steps at most 1 / EPS_REL times a typical one
-instead of dividing by ~0. No byte is ever scored after the model has trained on it. With lr = 0 it is the strided protocol
-with stride = segment. The weights are restored afterwards.
+instead of dividing by ~0. No byte is ever scored after the model has trained on it. With lr = 0 it is the strided
+protocol with stride = segment. The weights are restored afterwards.
 """
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
     function `strided` computes. The bytes are cut into `streams` contiguous parts run side by side; each part
     first reads the (up to) block_size - 1 bytes before it, unscored. Needs relative positions (RoPE)."""
     cfg = model.cfg
-    if cfg.pos_emb != "rope":
+    if cfg.absolute_positions:
         raise ConfigError(f"--mode cached needs relative positions (model.pos_emb=rope); this model uses "
                           f"pos_emb={cfg.pos_emb}, whose absolute positions end at block_size: use --mode strided")
     block = cfg.block_size
@@ -156,7 +156,7 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
             "protocol": f"cached, window {block}, {streams} streams, chunk {chunk}"}
 
 
-def whole_file(path: str, block_size: int):
+def whole_file(path: str):
     """A corpus whose one split, `file`, is every byte of the file at path (byte 0, without context, excepted)."""
     from train.data import Corpus, sha256_file
     file = Path(path).expanduser()
@@ -204,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         if (args.split == "file") != (args.file is not None):
             raise ConfigError("--split file and --file PATH go together")
         block = cfg.model.block_size
-        corpus = load_corpus(data_cfg) if args.file is None else whole_file(args.file, block)
+        corpus = load_corpus(data_cfg) if args.file is None else whole_file(args.file)
         stride = args.stride or default_stride(block)
+        segment = args.dyn_segment or default_stride(block)
         if args.max_bytes < 0 or args.batch_size < 1 or args.streams < 1 or args.chunk < 0:
             raise ConfigError("--max_bytes and --chunk must be >= 0, --batch_size and --streams >= 1")
         splits = {"all": ["val", "test"], "file": ["file"]}.get(args.split, [args.split])
@@ -213,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             device == "cuda" and cfg.train.precision == "bf16") else nullcontext
         t0, results = time.time(), {}
         if args.mode == "dynamic":
-            from train.dynamic import gradient_rms
+            from train.dynamic import evaluate_dynamic, gradient_rms
             if args.dyn_stat_batches < 1 or args.dyn_segment < 0 or args.dyn_segment > block:
                 raise ConfigError(f"--dyn_stat_batches must be >= 1 and --dyn_segment in [0, {block}]")
-            train_split = load_corpus(data_cfg).split("train")  # statistics from the checkpoint's training data
+            # statistics from the checkpoint's training data (the corpus already loaded, unless --file replaced it)
+            train_split = (corpus if args.file is None else load_corpus(data_cfg)).split("train")
             rms = gradient_rms(model, train_split, block, cfg.train.batch_size, args.dyn_stat_batches, device,
                                autocast, seed=cfg.train.seed)
         for name in splits:
@@ -224,9 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_bytes:
                 b = min(b, a + args.max_bytes)
             if args.mode == "dynamic":
-                from train.dynamic import evaluate_dynamic
-                results[name] = evaluate_dynamic(model, corpus.data, a, b, args.dyn_segment or default_stride(block),
-                                                 args.dyn_lr, args.dyn_decay, rms, device, autocast)
+                results[name] = evaluate_dynamic(model, corpus.data, a, b, segment, args.dyn_lr, args.dyn_decay, rms,
+                                                 device, autocast)
             elif args.mode == "cached":
                 results[name] = evaluate_cached(model, corpus.data, a, b, args.streams, args.chunk, device, autocast,
                                                 cache_dtype=torch.bfloat16 if autocast is not nullcontext else None)
@@ -239,13 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     nll, n = sum(r["nll_nats"] for r in results.values()), sum(r["bytes"] for r in results.values())
-    protocol = {"strided": lambda: {"protocol": "strided", "stride": stride},
-                "cached": lambda: {"protocol": "cached", "window": block, "streams": results[splits[0]]["streams"],
-                                   "chunk": results[splits[0]]["chunk"]},
-                "dynamic": lambda: {"protocol": "dynamic", "segment": args.dyn_segment or default_stride(block),
-                                    "lr": args.dyn_lr, "decay": args.dyn_decay,
-                                    "stat_batches": args.dyn_stat_batches}}[args.mode]()
-    protocol["protocol_name"] = results[splits[0]]["protocol"]
+    first = results[splits[0]]
+    if args.mode == "strided":
+        protocol = {"protocol": "strided", "stride": stride}
+    elif args.mode == "cached":
+        protocol = {"protocol": "cached", "window": block, "streams": first["streams"], "chunk": first["chunk"]}
+    else:
+        protocol = {"protocol": "dynamic", "segment": segment, "lr": args.dyn_lr, "decay": args.dyn_decay,
+                    "stat_batches": args.dyn_stat_batches}
+    protocol["protocol_name"] = first["protocol"]
     out = {"bpc": nll / n / math.log(2), "bytes": n, **protocol, "block_size": block, "split": args.split,
            "seconds": round(time.time() - t0, 3), "splits": results,
            "checkpoint": str(args.ckpt), "step": ckpt.get("step"), "dataset": corpus.identity}
