@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device suite: one script that turns a lent GPU (H100/H200, no network) into numbers, in under 8 minutes.
+# The device suite: one script that turns a lent GPU (H100/H200, no network) into numbers, in under 9 minutes.
 #
 #   bash bench/device_suite.sh [OUT_DIR]              # on the GPU machine; OUT_DIR defaults to $OUT
 #   bash bench/device_suite.sh [OUT_DIR] --cpu-dry-run  # the same steps at tiny sizes on a CPU
@@ -8,6 +8,8 @@
 # the kernel, training-step and evaluator benchmarks (python -m bench); a 2-minute T12 training run with its loss
 # curve; a markdown summary. Everything lands in OUT_DIR (8 files at most, as the device tool returns them):
 # env.txt parity.log parity.xml bench.txt bench.json t12_metrics.jsonl curves.png summary.md
+# Each step has a time limit (SIGINT, then SIGKILL 20 s later; exit code 124/137 in the summary), so that one
+# slow step cannot cost the others their numbers inside a device call of 10 minutes.
 # Keep the summary as bench/results/<card>-<date>.md. A parity failure makes the script exit 1, loudly, but only
 # after every other step has run and written what it measured.
 # The machine has torch, triton, pytest, pytest-benchmark, numpy, tqdm and matplotlib but not gensim: carry the
@@ -33,8 +35,10 @@ DATA=sample
 [ -f data/enwiki-sample.xml ] && DATA=data/enwiki-sample.xml
 if [ "$DRY" = 1 ]; then
   PRESET=tiny; TRAIN_TIME=10; PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_mhce.py"
+  LIMIT_PARITY=900; LIMIT_BENCH=900; LIMIT_TRAIN=300
 else
-  PRESET=t12; TRAIN_TIME=120
+  PRESET=t12; TRAIN_TIME=90
+  LIMIT_PARITY=150; LIMIT_BENCH=280; LIMIT_TRAIN=150
   PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_mhce.py tests/test_model_kernels.py
                 tests/test_kv_cache.py tests/test_gpu.py"
 fi
@@ -51,18 +55,18 @@ cat "$OUT_DIR/env.txt"
 
 step "parity tests ($PARITY_TESTS)"
 # shellcheck disable=SC2086
-$PY -m pytest -q -p no:cacheprovider $PARITY_TESTS --junitxml="$OUT_DIR/parity.xml" > "$OUT_DIR/parity.log" 2>&1
+timeout -s INT -k 20 $LIMIT_PARITY $PY -m pytest -q -p no:cacheprovider $PARITY_TESTS --junitxml="$OUT_DIR/parity.xml" > "$OUT_DIR/parity.log" 2>&1
 PARITY=$?
 tail -5 "$OUT_DIR/parity.log"
 
 step "benchmarks (python -m bench)"
-$PY -m bench --json "$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1
+timeout -s INT -k 20 $LIMIT_BENCH $PY -m bench --json "$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1
 BENCH=$?
 tail -60 "$OUT_DIR/bench.txt"
 
 step "$PRESET training for $TRAIN_TIME s"
 WORK=$(mktemp -d)  # the run folder stays out of OUT_DIR: a T12 checkpoint is ~0.5 GB
-$PY -m train --preset=$PRESET --data.source=$DATA --out_dir="$WORK/run" --train.max_time=$TRAIN_TIME \
+timeout -s INT -k 20 $LIMIT_TRAIN $PY -m train --preset=$PRESET --data.source=$DATA --out_dir="$WORK/run" --train.max_time=$TRAIN_TIME \
   --train.max_steps=0 --train.eval_interval=100 --train.full_eval_interval=0 --train.ckpt_interval=0 \
   > "$WORK/train.log" 2>&1
 TRAIN=$?
