@@ -1,24 +1,28 @@
-"""Multi-head cross-entropy (all intermediate and t+k heads of a step), forward + backward, at T12's heads
-(H = 13: 11 intermediate heads + t+1 + t+2 sharing the final hidden state), D = 512, V = 256.
+"""Multi-head cross-entropy (all intermediate and t+k heads of a step), forward + backward, D = 512, V = 256, at
+T12's head layouts: H = 24 (11 intermediate layers x t+1, t+2, and the final t+1, t+2: two heads per hidden
+state, the gemm variant's grouped layout) and H = 13 (intermediate t+1 only; the final t+1 and t+2 share a state).
 
 - On any machine: the batched reference (`kernels.reference.multihead_cross_entropy_ref`, one bmm + one
-  cross-entropy for all heads) against a Python loop of per-head matmul + cross-entropy (fp32 on a CPU).
-- On a GPU: the fused Triton op against the batched reference, eager and torch.compile'd, bf16, N = 16x512 and
-  64x512 positions: time and peak memory of the loss path (goal on an H100: >= 2x the compiled reference and
-  <= 1/10 of its memory).
+  cross-entropy for all heads) against a Python loop of per-head matmul + cross-entropy (fp32 on a CPU, H = 13).
+- On a GPU: both Triton variants (impl="gemm": batched matmuls around one row kernel; impl="fused": one kernel)
+  against the batched reference, eager and torch.compile'd, bf16, N = 16x512 (a T12 step) and 64x512 positions:
+  time and peak memory of the loss path (goal on an H100: >= 2x the compiled reference).
 
     pytest bench/bench_mhce.py -s
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.timing import device_name, needs_cuda, report, time_per_call
+from bench.timing import device_name, needs_cuda, report, time_kernels
 from kernels import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 
-H, D, V = 13, 512, 256
-CPU_SIZES, GPU_SIZES = [1024, 4096], [16 * 512, 64 * 512]
+D, V = 512, 256
+CPU_SIZES = [1024, 4096]  # positions, at H = 13
+GPU_CASES = [(24, 16 * 512), (13, 16 * 512), (24, 64 * 512)]  # (heads, positions)
 
 
 def per_head_loop(hidden, weight, targets, head_weights, source):
@@ -29,24 +33,30 @@ def per_head_loop(hidden, weight, targets, head_weights, source):
     return total
 
 
-IMPLS = {"loop": per_head_loop, "batched": multihead_cross_entropy_ref, "triton": multihead_cross_entropy,
+IMPLS = {"loop": per_head_loop, "batched": multihead_cross_entropy_ref,
+         "gemm": functools.partial(multihead_cross_entropy, impl="gemm"),
+         "fused": functools.partial(multihead_cross_entropy, impl="fused"),
          "compiled": torch.compile(multihead_cross_entropy_ref)}
 
 
-def make_inputs(n_pos: int, device: str, dtype):
+def make_inputs(n_heads: int, n_pos: int, device: str, dtype):
+    """The model's layout: 12 hidden states (11 intermediate + final); 24 heads read two each, 13 heads one each
+    but the last, which the final t+1 and t+2 heads share. `source` as a tuple, as the model passes it."""
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(H - 1, n_pos, D, generator=g).to(device, dtype).requires_grad_()
-    weight = (torch.randn(H, V, D, generator=g) * 0.02).to(device, dtype).requires_grad_()
-    targets = torch.randint(0, V, (H, n_pos), generator=g)
+    n_sources = 12
+    source = (tuple(s for s in range(n_sources) for _ in range(2)) if n_heads == 2 * n_sources
+              else tuple(range(n_sources)) + (n_sources - 1,))
+    hidden = torch.randn(n_sources, n_pos, D, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(n_heads, V, D, generator=g) * 0.02).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, V, (n_heads, n_pos), generator=g)
     targets[-1, -1] = IGNORE_INDEX
-    source = torch.tensor(list(range(H - 1)) + [H - 2])
-    return hidden, weight, targets.to(device), torch.ones(H, device=device), source.to(device)
+    return hidden, weight, targets.to(device), torch.ones(n_heads, device=device), source
 
 
-def run_case(impl: str, n_pos: int, benchmark=None) -> dict:
+def run_case(impl: str, n_pos: int, benchmark=None, n_heads: int = 13) -> dict:
     """Forward + backward of one implementation: seconds and (GPU) the peak memory it adds."""
     cuda = torch.cuda.is_available()
-    hidden, weight, targets, hw, source = make_inputs(n_pos, "cuda" if cuda else "cpu",
+    hidden, weight, targets, hw, source = make_inputs(n_heads, n_pos, "cuda" if cuda else "cpu",
                                                       torch.bfloat16 if cuda else torch.float32)
     fn = IMPLS[impl]
 
@@ -54,11 +64,12 @@ def run_case(impl: str, n_pos: int, benchmark=None) -> dict:
         fn(hidden, weight, targets, hw, source).backward()
         hidden.grad = weight.grad = None
 
-    seconds = time_per_call(step, [()], calls=10)
-    case = f"mhce/N={n_pos}"
+    seconds, timing = time_kernels(step, [()], calls=10)
+    case = f"mhce/H={n_heads}/N={n_pos}" if cuda else f"mhce/N={n_pos}"
     info = {"name": f"{case}/{impl}", "reference": f"{case}/{'compiled' if cuda else 'loop'}",
-            "device": device_name(), "dtype": "bf16" if cuda else "fp32", "shape": f"H={H} N={n_pos} D={D} V={V}",
-            "seconds": seconds}
+            "device": device_name(), "dtype": "bf16" if cuda else "fp32",
+            "shape": f"H={n_heads} N={n_pos} D={D} V={V}",
+            "seconds": seconds, "timing": timing}
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -73,13 +84,13 @@ def run_case(impl: str, n_pos: int, benchmark=None) -> dict:
     return info
 
 
-def impls_here() -> list[str]:
-    return ["triton", "batched", "compiled"] if torch.cuda.is_available() else ["batched", "loop"]
+GPU_IMPLS = ["gemm", "fused", "batched", "compiled"]
 
 
 def suite() -> list[dict]:
-    sizes = GPU_SIZES if torch.cuda.is_available() else CPU_SIZES[:1]
-    return [run_case(impl, n) for n in sizes for impl in impls_here()]
+    if torch.cuda.is_available():
+        return [run_case(impl, n, n_heads=h) for h, n in GPU_CASES for impl in GPU_IMPLS]
+    return [run_case(impl, CPU_SIZES[0]) for impl in ["batched", "loop"]]
 
 
 @pytest.mark.parametrize("n_pos", CPU_SIZES)
@@ -89,7 +100,7 @@ def test_mhce_batched_vs_loop(benchmark, impl, n_pos):
 
 
 @needs_cuda
-@pytest.mark.parametrize("n_pos", GPU_SIZES)
-@pytest.mark.parametrize("impl", ["triton", "batched", "compiled"])
-def test_mhce_fwd_bwd_gpu(benchmark, impl, n_pos):
-    run_case(impl, n_pos, benchmark)
+@pytest.mark.parametrize("n_heads, n_pos", GPU_CASES)
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_mhce_fwd_bwd_gpu(benchmark, impl, n_heads, n_pos):
+    run_case(impl, n_pos, benchmark, n_heads)

@@ -3,6 +3,8 @@
 #
 #   bash bench/device_suite.sh [OUT_DIR]              # on the GPU machine; OUT_DIR defaults to $OUT
 #   bash bench/device_suite.sh [OUT_DIR] --cpu-dry-run  # the same steps at tiny sizes on a CPU
+#   bash bench/device_suite.sh [OUT_DIR] --kernels      # a lease of ~4 minutes: the kernels' parity tests and
+#                                                       # benchmarks only (BENCH_ONLY="mhce layernorm" to narrow)
 #
 # Steps: environment; GPU parity tests of every kernel in bf16 and fp32 (and the model, KV cache, attention);
 # the kernel, training-step and evaluator benchmarks (python -m bench); a 2-minute T12 training run with its loss
@@ -19,9 +21,11 @@ set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench/results/latest}
 DRY=0
+KERNELS=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-dry-run) DRY=1 ;;
+    --kernels) KERNELS=1 ;;
     *) OUT_DIR=$arg ;;
   esac
 done
@@ -34,13 +38,21 @@ step() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 DATA=sample
 [ -f data/enwiki-sample.xml ] && DATA=data/enwiki-sample.xml
 if [ "$DRY" = 1 ]; then
-  PRESET=tiny; TRAIN_TIME=10; PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_mhce.py"
+  PRESET=tiny; TRAIN_TIME=10
+  PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_layernorm.py tests/test_mhce.py"
   LIMIT_PARITY=900; LIMIT_BENCH=900; LIMIT_TRAIN=300
 else
   PRESET=t12; TRAIN_TIME=90
   LIMIT_PARITY=150; LIMIT_BENCH=280; LIMIT_TRAIN=150
-  PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_mhce.py tests/test_model_kernels.py
+  PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_layernorm.py tests/test_mhce.py
+                tests/test_model_kernels.py
                 tests/test_kv_cache.py tests/test_gpu.py"
+fi
+BENCH_ARGS=""
+if [ "$KERNELS" = 1 ]; then
+  PARITY_TESTS="tests/test_mhce.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_swiglu.py"
+  BENCH_ARGS="--only ${BENCH_ONLY:-mhce layernorm rmsnorm swiglu}"
+  LIMIT_PARITY=90; LIMIT_BENCH=240
 fi
 
 step "environment"
@@ -60,22 +72,29 @@ PARITY=$?
 tail -5 "$OUT_DIR/parity.log"
 
 step "benchmarks (python -m bench)"
-timeout -s INT -k 20 $LIMIT_BENCH $PY -m bench --json "$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1
+# shellcheck disable=SC2086
+timeout -s INT -k 20 $LIMIT_BENCH $PY -m bench $BENCH_ARGS --json "$OUT_DIR/bench.json" > "$OUT_DIR/bench.txt" 2>&1
 BENCH=$?
 tail -60 "$OUT_DIR/bench.txt"
 
-step "$PRESET training for $TRAIN_TIME s"
 WORK=$(mktemp -d)  # the run folder stays out of OUT_DIR: a T12 checkpoint is ~0.5 GB
-timeout -s INT -k 20 $LIMIT_TRAIN $PY -m train --preset=$PRESET --data.source=$DATA --out_dir="$WORK/run" --train.max_time=$TRAIN_TIME \
-  --train.max_steps=0 --train.eval_interval=100 --train.full_eval_interval=0 --train.ckpt_interval=0 \
-  > "$WORK/train.log" 2>&1
-TRAIN=$?
-tail -3 "$WORK/train.log"
-cp "$WORK/run/metrics.jsonl" "$OUT_DIR/t12_metrics.jsonl" 2>/dev/null
-$PY -m train.plot "$WORK/run" --out "$OUT_DIR/curves.png" > /dev/null 2>&1 || echo "no curves (plot failed)"
+TRAIN=0
+if [ "$KERNELS" = 0 ]; then
+  step "$PRESET training for $TRAIN_TIME s"
+  timeout -s INT -k 20 $LIMIT_TRAIN $PY -m train --preset=$PRESET --data.source=$DATA --out_dir="$WORK/run" \
+    --train.max_time=$TRAIN_TIME --train.max_steps=0 --train.eval_interval=100 --train.full_eval_interval=0 \
+    --train.ckpt_interval=0 > "$WORK/train.log" 2>&1
+  TRAIN=$?
+  tail -3 "$WORK/train.log"
+  cp "$WORK/run/metrics.jsonl" "$OUT_DIR/t12_metrics.jsonl" 2>/dev/null
+  $PY -m train.plot "$WORK/run" --out "$OUT_DIR/curves.png" > /dev/null 2>&1 || echo "no curves (plot failed)"
+fi
 
 step "summary"
-$PY -m bench.summary "$OUT_DIR" --parity-rc $PARITY --bench-rc $BENCH --train-rc $TRAIN \
+NO_TRAIN=""
+[ "$KERNELS" = 1 ] && NO_TRAIN="--no-train"
+# shellcheck disable=SC2086
+$PY -m bench.summary "$OUT_DIR" --parity-rc $PARITY --bench-rc $BENCH --train-rc $TRAIN $NO_TRAIN \
   --train-log "$WORK/train.log" > "$OUT_DIR/summary.md"
 cat "$OUT_DIR/summary.md"
 echo

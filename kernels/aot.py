@@ -27,7 +27,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.mhce import _mhce_kernel
+from kernels.layernorm import _layernorm_bwd_kernel, _layernorm_fwd_kernel
+from kernels.layernorm import launch_config as layernorm_config
+from kernels.mhce import _ce_rows_kernel, _mhce_kernel, gemm_launch_config
 from kernels.mhce import launch_config as mhce_config
 from kernels.rmsnorm import _rmsnorm_bwd_kernel, _rmsnorm_fwd_kernel
 from kernels.rmsnorm import launch_config as rmsnorm_config
@@ -75,6 +77,26 @@ def variants() -> list[Variant]:
                                 "DW_PART": "*fp32"},
                                {"n_rows": "i32", "n_cols": "i32", "stride_dy": "i32", "stride_x": "i32",
                                 "stride_dx": "i32"}, cfg))
+        for n in (512, 2048, 4096):
+            for bias in (True, False):
+                cfg = {**layernorm_config(n, interpret=False), "HAS_BIAS": bias}
+                tag = f"{dt} d={n}{'' if bias else ' no-bias'}"
+                out.append(_launch(_layernorm_fwd_kernel, f"layernorm_fwd {tag}",
+                                   {"X": f"*{dt}", "W": "*fp32", "B": "*fp32", "Y": f"*{dt}", "MEAN": "*fp32",
+                                    "RSTD": "*fp32"},
+                                   {"n_rows": "i32", "n_cols": "i32", "stride_x": "i32", "stride_y": "i32",
+                                    "eps": "fp32"}, cfg))
+                out.append(_launch(_layernorm_bwd_kernel, f"layernorm_bwd {tag}",
+                                   {"DY": f"*{dt}", "X": f"*{dt}", "W": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
+                                    "DX": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32"},
+                                   {"n_rows": "i32", "n_cols": "i32", "stride_dy": "i32", "stride_x": "i32",
+                                    "stride_dx": "i32"}, cfg))
+        for need_grad in (True, False):
+            cfg = {**gemm_launch_config(256, interpret=False), "HAS_BIAS": True, "NEED_GRAD": need_grad}
+            out.append(_launch(_ce_rows_kernel, f"mhce_gemm_rows_{'fwd_bwd' if need_grad else 'fwd'} {dt} V=256",
+                               {"LOGITS": f"*{dt}", "B": f"*{dt}", "T": "*i64", "COEF": "*fp32", "NLL": "*fp32"},
+                               {k: "i32" for k in ("n_pos", "V", "heads_per_source", "stride_ls", "stride_ln",
+                                                   "stride_bh", "stride_th", "stride_nll")}, cfg))
         cfg = swiglu_config(2048, interpret=False)
         out.append(_launch(_swiglu_fwd_kernel, f"swiglu_fwd {dt}",
                            {"G": f"*{dt}", "U": f"*{dt}", "Y": f"*{dt}"},

@@ -27,16 +27,18 @@ Speed. Not yet measured on a GPU (bench/bench_mhce.py: goal on an H100 >= 2x the
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
-from kernels.runtime import INTERPRET, TRITON_VERSION, next_pow2, unit_stride, use_triton
+from kernels.runtime import INTERPRET, TRITON_VERSION, device_ints, next_pow2, unit_stride, use_triton
 
 N_SLOTS = 4  # fp32 copies of d(weight) that the tiles spread their partial sums over
+LOGITS_BUDGET_BYTES = 64 << 20  # the gemm variant's logits buffer: positions are processed in chunks that fit
+IMPLS = ("gemm", "fused")
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -104,8 +106,39 @@ def _mhce_kernel(X, W, B, T, HW, COUNT, HEAD_ORDER, SRC_START, LOSS_PART, DX, DW
                 tl.store(dx_rows + (d0 + ds)[None, :], tl.zeros([BLOCK_N, BLOCK_D], dtype=DX.dtype.element_ty),
                          mask=m)
 
+@triton.jit
+def _ce_rows_kernel(LOGITS, B, T, COEF, NLL, n_pos, V, heads_per_source, stride_ls, stride_ln, stride_bh, stride_th,
+                    stride_nll, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    NEED_GRAD: tl.constexpr):
+    """The gemm variant's middle step, for BLOCK_R positions of head h: logits (computed by a batched matmul) ->
+    per-position loss, and d(logits) written over the logits in place."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_pos
+    vs = tl.arange(0, BLOCK_V)
+    v_ok = vs < V
+    ptrs = (LOGITS + (h // heads_per_source).to(tl.int64) * stride_ls + (h % heads_per_source) * V
+            + rows[:, None].to(tl.int64) * stride_ln + vs[None, :])
+    m = row_ok[:, None] & v_ok[None, :]
+    logits = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        logits += tl.load(B + h * stride_bh + vs, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+    logits = tl.where(v_ok[None, :], logits, float("-inf"))
+    tgt = tl.load(T + h.to(tl.int64) * stride_th + rows, mask=row_ok, other=-100)
+    valid = row_ok & (tgt != -100)
+    row_max = tl.max(logits, axis=1)
+    is_tgt = vs[None, :] == tgt[:, None]
+    tgt_logit = tl.sum(tl.where(is_tgt, logits, 0.0), axis=1)
+    p = tl.exp(logits - row_max[:, None])
+    z = tl.sum(p, axis=1)
+    tl.store(NLL + h * stride_nll + rows, tl.where(valid, row_max + tl.log(z) - tgt_logit, 0.0), mask=row_ok)
+    if NEED_GRAD:
+        coef = tl.where(valid, tl.load(COEF + h), 0.0)
+        dlogits = p * (coef / z)[:, None] - tl.where(is_tgt, coef[:, None], 0.0)
+        tl.store(ptrs, dlogits.to(LOGITS.dtype.element_ty), mask=m)
 
-# ------------------------------------------------------------------------------------------------ launcher
+
+# ------------------------------------------------------------------------------------------------ launchers
 def launch_config(V: int, dtype: torch.dtype, interpret: bool = INTERPRET,
                   triton_version: tuple[int, int] = TRITON_VERSION) -> dict:
     """The whole vocabulary per tile, 8 warps, 2 pipeline stages, 32 positions (16 for fp32 inputs or V > 256) and
@@ -134,9 +167,8 @@ def mhce_fwd(hidden, weight, targets, head_weights, source, bias, need_grad: boo
     targets = targets.contiguous()
     dev = hidden.device
     counts = (targets != IGNORE_INDEX).sum(1).to(torch.int32)
-    order = torch.argsort(source, stable=True).to(torch.int32)
-    src_start = torch.zeros(S + 1, dtype=torch.int32, device=dev)
-    src_start[1:] = torch.bincount(source, minlength=S).cumsum(0)
+    order = device_ints(sorted(range(H), key=lambda h: source[h]), dev, torch.int32)  # the heads, source by source
+    src_start = device_ints([sum(s < src for s in source) for src in range(S + 1)], dev, torch.int32)
     cfg = launch_config(V, hidden.dtype)
     n_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     n_slots = min(N_SLOTS, n_tiles)
@@ -161,16 +193,89 @@ def mhce_fwd(hidden, weight, targets, head_weights, source, bias, need_grad: boo
     return loss, per_head, dx, dw, db
 
 
+def gemm_launch_config(V: int, interpret: bool = INTERPRET) -> dict:
+    """The gemm variant's row kernel: the whole vocabulary per program, 4096 logits a tile (16 positions at V = 256)
+    over 8 warps: 16 values a thread (32 spill on sm_80 and sm_90a: kernels.aot). 64 positions under the
+    interpreter, where programs are what costs."""
+    block_v = max(16, next_pow2(V))
+    return {"BLOCK_R": 64 if interpret else max(1, 4096 // block_v), "BLOCK_V": block_v, "num_warps": 8}
+
+
+def heads_per_source(source: Sequence[int], n_sources: int) -> int:
+    """k when `source` is [0]*k + [1]*k + ... + [S-1]*k (the heads of a source adjacent, every source read by k
+    heads), else 0. Then the gemm variant treats the k heads of a source as one classifier of k*V outputs: no
+    gather of hidden states, no scatter of their gradients."""
+    k = len(source) // n_sources if n_sources else 0
+    return k if k and list(source) == [s for s in range(n_sources) for _ in range(k)] else 0
+
+
+def mhce_gemm_fwd(hidden, weight, targets, head_weights, source, bias, need_grad: bool, group: int):
+    """The gemm variant of mhce_fwd (same outputs): per chunk of positions, logits by a batched matmul, loss and
+    d(logits) by _ce_rows_kernel in place, then d(hidden) = d(logits) @ W and d(weight) += d(logits)^T @ hidden by
+    batched matmuls. group = heads_per_source(source) (0: hidden gathered per head, d(hidden) scattered back)."""
+    S, N, D = hidden.shape
+    H, V, _ = weight.shape
+    dev, dtype = hidden.device, hidden.dtype
+    targets = targets.contiguous()
+    n_mm, width = (S, group * V) if group else (H, V)  # batch and output width of the matmuls
+    w_mm = weight.reshape(n_mm, width, D)
+    counts = (targets != IGNORE_INDEX).sum(1)
+    coef = head_weights.float() / counts.clamp_min(1)
+    chunk = max(1, min(N, LOGITS_BUDGET_BYTES // (H * V * hidden.element_size())))
+    buffer = torch.empty(n_mm * chunk * width, dtype=dtype, device=dev)
+    nll = torch.empty((H, N), dtype=torch.float32, device=dev)
+    dx = dw = db = None
+    if need_grad and not group:
+        dx = torch.zeros((S, N, D), dtype=dtype, device=dev)
+    elif need_grad and N > chunk:
+        dx = torch.empty((S, N, D), dtype=dtype, device=dev)
+    cfg = gemm_launch_config(V)
+    for start in range(0, N, chunk):
+        n = min(chunk, N - start)
+        x = hidden[:, start:start + n]
+        x = x if group else x.index_select(0, device_ints(source, dev))
+        logits = torch.bmm(x, w_mm.transpose(1, 2), out=buffer[:n_mm * n * width].view(n_mm, n, width))
+        _ce_rows_kernel[(triton.cdiv(n, cfg["BLOCK_R"]), H)](
+            logits, bias if bias is not None else logits, targets[:, start:], coef, nll[:, start:], n, V,
+            max(group, 1), logits.stride(0), logits.stride(1), bias.stride(0) if bias is not None else 0,
+            targets.stride(0), nll.stride(0), HAS_BIAS=bias is not None,
+            NEED_GRAD=need_grad, **cfg)
+        if not need_grad:
+            continue
+        dx_part = torch.bmm(logits, w_mm)  # logits now hold d(logits)
+        if not group:
+            dx[:, start:start + n].index_add_(0, device_ints(source, dev), dx_part)
+        elif n == N:
+            dx = dx_part
+        else:
+            dx[:, start:start + n] = dx_part
+        dw_part = torch.bmm(logits.transpose(1, 2), x)
+        dw = dw_part.float() if dw is None else dw.add_(dw_part)
+        if bias is not None:
+            db_part = logits.sum(1, dtype=torch.float32)
+            db = db_part if db is None else db.add_(db_part)
+    per_head = torch.where(head_weights != 0, nll.sum(1) / counts.clamp_min(1), 0.0)
+    loss = (head_weights.float() * per_head).sum()
+    empty = lambda: torch.empty(0, dtype=dtype, device=dev)  # distinct placeholders: outputs must not alias
+    dx = dx if dx is not None else empty()
+    dw = dw.to(weight.dtype).view(H, V, D) if dw is not None else empty()
+    db = db.to(bias.dtype).view(H, V) if db is not None else empty()
+    return loss, per_head, dx, dw, db
+
+
 # ------------------------------------------------------------------------------------------------ torch.library
 @torch.library.custom_op("charlm::multihead_cross_entropy", mutates_args=())
 def _mhce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, head_weights: torch.Tensor,
-             source: torch.Tensor, bias: Optional[torch.Tensor], need_grad: bool
+             source: list[int], bias: Optional[torch.Tensor], need_grad: bool, impl: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if impl == "gemm":
+        group = heads_per_source(source, hidden.shape[0])
+        return mhce_gemm_fwd(hidden, weight, targets, head_weights, source, bias, need_grad, group)
     return mhce_fwd(hidden, weight, targets, head_weights, source, bias, need_grad)
 
 
 @_mhce_op.register_fake
-def _(hidden, weight, targets, head_weights, source, bias, need_grad):
+def _(hidden, weight, targets, head_weights, source, bias, need_grad, impl):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     # contiguous gradients, as mhce_fwd makes them (empty_like would keep a permuted input's strides)
     return (torch.empty((), **f32), torch.empty(weight.shape[0], **f32),
@@ -191,7 +296,7 @@ def _backward(ctx, g_loss, _g_per_head, _gdx, _gdw, _gdb):
     if dx.numel() == 0 and dw.numel() == 0:
         raise RuntimeError("multihead_cross_entropy ran without gradients (need_grad=False) but was differentiated")
     return (dx * g_loss.to(dx.dtype), dw * g_loss.to(dw.dtype), None, None, None,
-            db * g_loss.to(db.dtype) if ctx.has_bias else None, None)
+            db * g_loss.to(db.dtype) if ctx.has_bias else None, None, None)
 
 
 torch.library.register_autograd("charlm::multihead_cross_entropy", _backward, setup_context=_setup_context)
@@ -199,11 +304,15 @@ torch.library.register_autograd("charlm::multihead_cross_entropy", _backward, se
 
 # ------------------------------------------------------------------------------------------------ public
 def multihead_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                            head_weights: torch.Tensor, source: torch.Tensor | None = None,
-                            bias: torch.Tensor | None = None, return_per_head: bool = False):
+                            head_weights: torch.Tensor, source: torch.Tensor | Sequence[int] | None = None,
+                            bias: torch.Tensor | None = None, return_per_head: bool = False, impl: str = "gemm"):
     """sum_h head_weights[h] * mean CE of head h (see the module docstring); with return_per_head also the (H,)
-    per-head mean CE (detached; 0 for heads of weight 0). The fused Triton kernel where it can run, else
+    per-head mean CE (detached; 0 for heads of weight 0). impl: "gemm" (batched matmuls around one Triton kernel)
+    or "fused" (one Triton kernel). `source`: a sequence of ints (a tensor works too, but is read back to the host:
+    one synchronisation per call, and no torch.compile fullgraph). Where Triton cannot run:
     `kernels.reference.multihead_cross_entropy_ref`."""
+    if impl not in IMPLS:
+        raise ValueError(f"multihead_cross_entropy: impl must be one of {', '.join(IMPLS)} (got {impl!r})")
     if not use_triton(hidden):
         return multihead_cross_entropy_ref(hidden, weight, targets, head_weights, source, bias, return_per_head)
     device_type = hidden.device.type
@@ -211,14 +320,17 @@ def multihead_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets:
     if torch.float16 in (hidden.dtype, torch.get_autocast_dtype(device_type) if autocast else None):
         raise ValueError("multihead_cross_entropy does not take fp16: its d(logits), ~1e-7 at typical batch sizes, "
                          "would underflow in fp16 before the upstream gradient scales them; use bf16 or fp32")
+    n_sources, n_heads = hidden.shape[0], weight.shape[0]
     if source is None:
-        if hidden.shape[0] != weight.shape[0]:
-            raise ValueError(f"hidden has {hidden.shape[0]} sources for {weight.shape[0]} heads; pass `source`")
-        source = torch.arange(weight.shape[0], device=hidden.device)
+        if n_sources != n_heads:
+            raise ValueError(f"hidden has {n_sources} sources for {n_heads} heads; pass `source`")
+        source = range(n_heads)
+    source = source.tolist() if torch.is_tensor(source) else [int(s) for s in source]
     if autocast:  # run the matmuls in the autocast dtype, as the reference's bmm does
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
+    bias = unit_stride(bias) if bias is not None else None
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    loss, per_head, *_ = _mhce_op(hidden, weight, targets, head_weights, source, bias, need_grad)
+    loss, per_head, *_ = _mhce_op(hidden, weight, targets, head_weights, source, bias, need_grad, impl)
     return (loss, per_head) if return_per_head else loss

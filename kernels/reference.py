@@ -4,8 +4,12 @@ These run on any device and are what the model uses with `model.kernels=torch` (
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from kernels.runtime import device_ints
 
 IGNORE_INDEX = -100
 
@@ -15,6 +19,14 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> tor
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
+
+
+def layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  eps: float = 1e-5) -> torch.Tensor:
+    """(x - mean) * rsqrt(var + eps) * weight (+ bias) over the last dimension (biased variance), statistics in fp32,
+    output in x's dtype."""
+    y = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
+    return y.to(x.dtype)
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -33,15 +45,15 @@ def multihead_cross_entropy_ref(
     weight: torch.Tensor,
     targets: torch.Tensor,
     head_weights: torch.Tensor,
-    source: torch.Tensor | None = None,
+    source: torch.Tensor | Sequence[int] | None = None,
     bias: torch.Tensor | None = None,
     return_per_head: bool = False,
 ):
     """Cross-entropy of H linear classifier heads in one batched computation.
 
     hidden (S, N, D): S distinct hidden-state sources; weight (H, V, D) and bias (H, V): each head's classifier;
-    targets (H, N) int64, IGNORE_INDEX = no target; head_weights (H,); source (H,) int64: the row of `hidden`
-    that head h reads (default: arange, S == H).
+    targets (H, N) int64, IGNORE_INDEX = no target; head_weights (H,); source (H,) int64 (a tensor or a
+    sequence): the row of `hidden` that head h reads (default: arange, S == H).
 
     Returns the scalar sum_h head_weights[h] * mean over valid n of CE_h(n) (fp32; fp64 for fp64 inputs), and
     with return_per_head also the (H,) unweighted per-head means. A head without any valid target contributes 0.
@@ -52,7 +64,7 @@ def multihead_cross_entropy_ref(
             raise ValueError(f"hidden has {hidden.shape[0]} sources for {n_heads} heads; pass `source`")
         x = hidden
     else:
-        x = hidden.index_select(0, source)
+        x = hidden.index_select(0, source if torch.is_tensor(source) else device_ints(source, hidden.device))
     logits = torch.bmm(x, weight.transpose(1, 2))  # (H, N, V)
     if bias is not None:
         logits = logits + bias.unsqueeze(1)

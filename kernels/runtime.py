@@ -6,8 +6,10 @@ their references in `kernels.reference`.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+from typing import Sequence
 
 import torch
 import triton
@@ -69,3 +71,16 @@ def unit_stride(t: torch.Tensor) -> torch.Tensor:
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """A (rows, last dim) view with a contiguous last dimension, copying only when the layout allows no view."""
     return unit_stride(t.reshape(-1, t.shape[-1]))
+
+
+@functools.lru_cache(maxsize=256)
+def _device_ints(values: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def device_ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A constant index list as a device tensor, made once per (values, device, dtype): a host-to-device copy each
+    step would wait for the GPU. Under torch.compile a plain tensor, which the compiler folds into its kernels."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(list(values), dtype=dtype, device=device)
+    return _device_ints(tuple(int(v) for v in values), torch.device(device), dtype)

@@ -38,6 +38,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
     attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash: flash-attn, else sdpa (warned once)
     kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU, multi-head loss
+    loss_impl: Literal["gemm", "fused"] = "gemm"  # triton loss: matmuls + one row kernel | one fused kernel
 
     @property
     def head_dim(self) -> int:

@@ -7,6 +7,7 @@ multihead_cross_entropy_ref`, or the fused Triton op `kernels.multihead_cross_en
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,10 +58,11 @@ class Heads(nn.Module):
         self.inter_norms = nn.ModuleList(make_norm(cfg, D) for _ in range(L))
         self.bias = nn.Parameter(torch.zeros(self.n_inter_heads + K, V)) if cfg.head_bias else None
         self.inter_shifts = [k for _ in range(L) for k in range(1, KI + 1)]  # head h of the intermediate ones: t+k
-        source = [layer for layer in range(L) for _ in range(KI)] + [L] * K  # head h reads this hidden state
-        self.register_buffer("source_all", torch.tensor(source), persistent=False)
-        self.register_buffer("source_final", torch.zeros(K, dtype=torch.long), persistent=False)
-        self.loss_fn = multihead_cross_entropy if cfg.kernels == "triton" else multihead_cross_entropy_ref
+        # head h reads this hidden state (host-side constants: the loss never reads them back from the device)
+        self.source_all = tuple(layer for layer in range(L) for _ in range(KI)) + (L,) * K
+        self.source_final = (0,) * K
+        self.loss_fn = (functools.partial(multihead_cross_entropy, impl=cfg.loss_impl) if cfg.kernels == "triton"
+                        else multihead_cross_entropy_ref)
 
     def weights(self, with_inter: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = ([self.inter] if with_inter and self.inter is not None else []) + [self.main[None]]

@@ -13,8 +13,8 @@ from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 
-# model.kernels -> (rmsnorm, swiglu of a packed gate+up): the fused Triton ops or their plain-PyTorch references
-OPS = {"torch": (rmsnorm_ref, swiglu_packed_ref), "triton": (kernels.rmsnorm, kernels.swiglu_packed)}
+# model.kernels -> swiglu of a packed gate+up: the fused Triton op or its plain-PyTorch reference
+SWIGLU = {"torch": swiglu_packed_ref, "triton": kernels.swiglu_packed}
 
 
 # ---------------------------------------------------------------- norms
@@ -28,10 +28,28 @@ class RMSNorm(nn.Module):
         return self.fn(x, self.weight, self.eps)
 
 
+class LayerNorm(nn.Module):
+    """nn.LayerNorm's parameters (same names: checkpoints interchange) through the fused Triton kernel."""
+
+    def __init__(self, dim: int, bias: bool, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        return kernels.layernorm(x, self.weight, self.bias, self.eps)
+
+
+# (model.norm, model.kernels) -> the norm module
+NORMS = {("rmsnorm", "torch"): lambda cfg, dim: RMSNorm(dim, fn=rmsnorm_ref),
+         ("rmsnorm", "triton"): lambda cfg, dim: RMSNorm(dim, fn=kernels.rmsnorm),
+         ("layernorm", "torch"): lambda cfg, dim: nn.LayerNorm(dim, bias=cfg.bias),
+         ("layernorm", "triton"): lambda cfg, dim: LayerNorm(dim, bias=cfg.bias)}
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, fn=OPS[cfg.kernels][0])
-    return nn.LayerNorm(dim, bias=cfg.bias)
+    return NORMS[cfg.norm, cfg.kernels](cfg, dim)
 
 
 # ---------------------------------------------------------------- MLPs
@@ -69,7 +87,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.fn = OPS[cfg.kernels][1]
+        self.fn = SWIGLU[cfg.kernels]
 
     def forward(self, x):
         return self.proj(self.fn(self.gate_up(x)))

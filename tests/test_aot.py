@@ -15,7 +15,8 @@ def test_every_kernel_compiles_for_both_archs_without_spills():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     kernels = {row["kernel"].split()[0] for row in rows}
-    assert kernels == {"rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "mhce_fwd_bwd", "mhce_fwd"}
+    assert kernels == {"rmsnorm_fwd", "rmsnorm_bwd", "layernorm_fwd", "layernorm_bwd", "swiglu_fwd", "swiglu_bwd",
+                       "mhce_fwd_bwd", "mhce_fwd", "mhce_gemm_rows_fwd_bwd", "mhce_gemm_rows_fwd"}
     for name in {row["kernel"] for row in rows}:
         assert sorted(row["arch"] for row in rows if row["kernel"] == name) == ["sm_80", "sm_90a"], name
     for row in rows:

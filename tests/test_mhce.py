@@ -1,6 +1,7 @@
 """The multi-head cross-entropy: the batched reference against a per-head loop in fp64, and the fused Triton op
-(kernels.multihead_cross_entropy; the interpreter on a CPU) against the reference for the loss and every gradient:
-ignored targets, zero-weight heads, shared sources, N not a multiple of the tile, D in {64, 96, 512}."""
+(kernels.multihead_cross_entropy, both impls: fused and gemm; the interpreter on a CPU) against the reference for the
+loss and every gradient: ignored targets, zero-weight heads, shared sources, N not a multiple of the tile, D in
+{64, 96, 512}."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,60 +78,90 @@ def case(S, H, N, D, dtype, seed, with_bias=True):
     return to(hidden), to(weight), targets.to(DEVICE), head_weights.to(DEVICE, dtype), source.to(DEVICE), to(bias)
 
 
-def loss_and_grads(fn, hidden, weight, targets, head_weights, source, bias):
+def loss_and_grads(fn, hidden, weight, targets, head_weights, source, bias, **kwargs):
     params = [t.detach().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     loss, per_head = fn(params[0], params[1], targets, head_weights, source, params[2] if bias is not None else None,
-                        return_per_head=True)
+                        return_per_head=True, **kwargs)
     grads = torch.autograd.grad(loss, params)
     return [loss.detach(), per_head.detach(), *grads]
 
 
-def assert_fused_matches_reference(inputs, label: str, atol: float):
-    """The fused op against the fp64 reference, within twice the same-dtype reference's error (+ atol relative to
-    the largest value): loss, per-head losses of the weighted heads (weight-0 heads report 0), every gradient."""
-    got = loss_and_grads(multihead_cross_entropy, *inputs)
+def assert_fused_matches_reference(inputs, label: str, atol: float, impl: str = "fused"):
+    """The Triton op (either impl) against the fp64 reference, within twice the same-dtype reference's error (+ atol
+    relative to the largest value): loss, per-head losses of the weighted heads (weight-0 heads report 0), every
+    gradient."""
+    got = loss_and_grads(multihead_cross_entropy, *inputs, impl=impl)
     same = loss_and_grads(multihead_cross_entropy_ref, *inputs)
-    exact = loss_and_grads(multihead_cross_entropy_ref, *(t.double() if t.is_floating_point() else t
-                                                          for t in inputs))
+    exact = loss_and_grads(multihead_cross_entropy_ref, *(t.double() if torch.is_tensor(t) and t.is_floating_point()
+                                                          else t for t in inputs))
     weighted = inputs[3] != 0
     got[1], same[1], exact[1] = got[1][weighted], same[1][weighted], exact[1][weighted]
     for name, a, b, c in zip(("loss", "per-head", "d hidden", "d weight", "d bias"), got, same, exact):
         assert_parity(f"{name} {label}", a, b, c, atol * max(1.0, c.abs().max().item()))
 
 
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
 @pytest.mark.parametrize("D", [64, 96, 512])
 @pytest.mark.parametrize("S, H, N", [(3, 5, 37), (2, 4, 130), (1, 2, 64)])
-def test_fused_op_matches_reference_fp32(S, H, N, D):
+def test_fused_op_matches_reference_fp32(S, H, N, D, impl):
     assert use_triton(torch.empty(0, device=DEVICE)), "the kernels must run here (GPU or TRITON_INTERPRET=1)"
-    assert_fused_matches_reference(case(S, H, N, D, torch.float32, seed=S * 1000 + N + D), f"S={S} H={H} N={N} D={D}",
-                                   atol=1e-6)
+    assert_fused_matches_reference(case(S, H, N, D, torch.float32, seed=S * 1000 + N + D + len(impl)),
+                                   f"{impl} S={S} H={H} N={N} D={D}", atol=1e-6, impl=impl)
 
 
-def test_zero_weight_heads_contribute_nothing_and_unread_sources_get_zero_gradient():
+def test_heads_per_source_reads_the_models_layout_only():
+    from kernels.mhce import heads_per_source
+    assert heads_per_source([0, 0, 1, 1, 2, 2], 3) == 2 and heads_per_source(range(4), 4) == 1
+    assert heads_per_source([0, 1, 2, 2], 3) == 0 and heads_per_source([0, 0, 1, 1], 3) == 0
+    assert heads_per_source([1, 1, 0, 0], 2) == 0
+
+
+@pytest.mark.parametrize("as_list", [True, False], ids=["grouped", "gathered"])
+def test_gemm_variant_in_chunks_of_positions(as_list, monkeypatch):
+    """The gemm variant's two layouts (the heads of a source as one wide classifier when `source` is a list in the
+    model's order; gathered hidden states otherwise), with the positions split into chunks (the last one short)."""
+    from kernels import mhce
+    hidden, weight, targets, hw, _, bias = case(3, 6, 45, 40, torch.float32, seed=3)
+    source = [0, 0, 1, 1, 2, 2]
+    inputs = (hidden, weight, targets, hw, source if as_list else torch.tensor(source, device=DEVICE), bias)
+    assert_fused_matches_reference(inputs, "one chunk", atol=1e-6, impl="gemm")
+    monkeypatch.setattr(mhce, "LOGITS_BUDGET_BYTES", 6 * 256 * 4 * 16)  # 16 positions a chunk: 16 + 16 + 13
+    assert_fused_matches_reference(inputs, "chunks of 16", atol=1e-6, impl="gemm")
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="impl must be one of gemm, fused"):
+        multihead_cross_entropy(*case(2, 3, 4, 8, torch.float32, seed=0), impl="cublas")
+
+
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+def test_zero_weight_heads_contribute_nothing_and_unread_sources_get_zero_gradient(impl):
     hidden, weight, targets, hw, source, bias = case(3, 5, 40, 64, torch.float32, seed=5)
     _, per_head, d_hidden, d_weight, d_bias = loss_and_grads(multihead_cross_entropy, hidden, weight, targets, hw,
-                                                             source, bias)
+                                                             source, bias, impl=impl)
     assert per_head[1] == 0 and (d_weight[1] == 0).all() and (d_bias[1] == 0).all()
     assert (d_hidden[1] == 0).all()  # source 1 is read only by the zero-weight head
     assert per_head[-1] == 0 and (d_weight[-1] == 0).all()  # no valid target
 
 
-def test_without_bias_under_no_grad_and_compiled():
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+def test_without_bias_under_no_grad_and_compiled(impl):
     hidden, weight, targets, hw, source, _ = case(2, 3, 50, 64, torch.float32, seed=9, with_bias=False)
     want = multihead_cross_entropy_ref(hidden, weight, targets, hw, source)
     with torch.no_grad():
-        torch.testing.assert_close(multihead_cross_entropy(hidden, weight, targets, hw, source), want)
+        torch.testing.assert_close(multihead_cross_entropy(hidden, weight, targets, hw, source, impl=impl), want)
     compiled = torch.compile(multihead_cross_entropy, fullgraph=True)
-    got = loss_and_grads(compiled, hidden, weight, targets, hw, source, None)
+    got = loss_and_grads(compiled, hidden, weight, targets, hw, source.tolist(), None, impl=impl)
     ref = loss_and_grads(multihead_cross_entropy_ref, hidden, weight, targets, hw, source, None)
     for a, b in zip(got[:1] + got[2:], ref[:1] + ref[2:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_gradients_scale_with_the_upstream_gradient():
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+def test_gradients_scale_with_the_upstream_gradient(impl):
     hidden, weight, targets, hw, source, bias = case(2, 3, 33, 64, torch.float32, seed=4)
     h = hidden.clone().requires_grad_()
-    (3.0 * multihead_cross_entropy(h, weight, targets, hw, source, bias)).backward()
+    (3.0 * multihead_cross_entropy(h, weight, targets, hw, source, bias, impl=impl)).backward()
     h2 = hidden.clone().requires_grad_()
     (3.0 * multihead_cross_entropy_ref(h2, weight, targets, hw, source, bias)).backward()
     torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-7)
@@ -138,9 +169,14 @@ def test_gradients_scale_with_the_upstream_gradient():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong under the interpreter: GPU only")
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
 @pytest.mark.parametrize("D", [64, 96, 512])
-def test_fused_op_matches_reference_bf16_on_gpu(D):
-    assert_fused_matches_reference(case(3, 5, 1000, D, torch.bfloat16, seed=D), f"bf16 D={D}", atol=1e-2)
+def test_fused_op_matches_reference_bf16_on_gpu(D, impl):
+    assert_fused_matches_reference(case(3, 5, 1000, D, torch.bfloat16, seed=D), f"{impl} bf16 D={D}", atol=1e-2,
+                                   impl=impl)
+    hidden, weight, targets, hw, _, bias = case(3, 6, 1000, D, torch.bfloat16, seed=D + 1)
+    assert_fused_matches_reference((hidden, weight, targets, hw, [0, 0, 1, 1, 2, 2], bias), f"{impl} bf16 grouped",
+                                   atol=1e-2, impl=impl)
 
 
 @pytest.mark.parametrize("triton_version", [(3, 6), (3, 8)], ids=["triton3.6", "triton3.8"])
@@ -160,15 +196,16 @@ def test_gpu_launch_configurations_match_reference_fp32(triton_version, monkeypa
                                    f"GPU tiles of triton {triton_version}", atol=1e-6)
 
 
-def test_permuted_hidden_gets_its_gradient_in_the_right_places():
+@pytest.mark.parametrize("impl", ["fused", "gemm"])
+def test_permuted_hidden_gets_its_gradient_in_the_right_places(impl):
     """hidden (S, N, D) as a dense non-contiguous view: d(hidden) matches the reference, and the fake (compile-time)
     outputs have the real ones' strides (torch.library.opcheck)."""
     hidden, weight, targets, hw, source, bias = case(3, 5, 37, 40, torch.float32, seed=21)
     inputs = (permuted(hidden), weight, targets, hw, source, bias)
-    assert_fused_matches_reference(inputs, "permuted hidden", atol=1e-6)
+    assert_fused_matches_reference(inputs, f"{impl} permuted hidden", atol=1e-6, impl=impl)
     torch.library.opcheck(torch.ops.charlm.multihead_cross_entropy.default,
-                          (permuted(hidden).requires_grad_(), weight.requires_grad_(), targets, hw, source,
-                           bias.requires_grad_(), True))
+                          (permuted(hidden).requires_grad_(), weight.requires_grad_(), targets, hw, source.tolist(),
+                           bias.requires_grad_(), True, impl))
 
 
 def test_fp16_is_refused_with_the_reason():
