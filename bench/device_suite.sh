@@ -4,7 +4,8 @@
 #   bash bench/device_suite.sh [OUT_DIR]              # on the GPU machine; OUT_DIR defaults to $OUT
 #   bash bench/device_suite.sh [OUT_DIR] --cpu-dry-run  # the same steps at tiny sizes on a CPU
 #   bash bench/device_suite.sh [OUT_DIR] --kernels      # a lease of ~4 minutes: the kernels' parity tests and
-#                                                       # benchmarks only (BENCH_ONLY="mhce layernorm" to narrow)
+#                                                       # benchmarks only (narrowed by BENCH_ONLY="mhce layernorm"
+#                                                       # and PARITY_ONLY="tests/test_mhce.py")
 #
 # Steps: environment; GPU parity tests of every kernel in bf16 and fp32 (and the model, KV cache, attention);
 # the kernel, training-step and evaluator benchmarks (python -m bench); a 2-minute T12 training run with its loss
@@ -50,7 +51,7 @@ else
 fi
 BENCH_ARGS=""
 if [ "$KERNELS" = 1 ]; then
-  PARITY_TESTS="tests/test_mhce.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_swiglu.py"
+  PARITY_TESTS=${PARITY_ONLY:-"tests/test_mhce.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_swiglu.py"}
   BENCH_ARGS="--only ${BENCH_ONLY:-mhce layernorm rmsnorm swiglu}"
   LIMIT_PARITY=90; LIMIT_BENCH=240
 fi
