@@ -69,3 +69,19 @@ def test_skip_nonfinite_skips_and_counts(monkeypatch, small_corpus, tmp_path):
     assert [r.get("skipped_steps", 0) for r in steps if r["step"] in (6, 7, 8)] == [0, 1, 1]
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_nonfinite_loss_between_log_steps_is_named_when_read(monkeypatch, small_corpus, tmp_path):
+    """The flag stays on the device between synchronisation points: a NaN at step 7 is read at step 10 (the next
+    log and checkpoint step), named with its own step, and the checkpoint of step 10 is never written."""
+    poison_step(monkeypatch, 7)
+    cfg = tiny_config(small_corpus, tmp_path / "run", train__log_interval=5, train__ckpt_interval=5,
+                      train__eval_interval=0)
+    with pytest.raises(TrainingError) as e:
+        train(Args(cfg, "tiny"))
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    assert str(e.value) == ("non-finite values: train loss is nan at step 7; read at step 10, after the weights were "
+                            f"updated; last good checkpoint: {ckpt} (step 5)")
+    assert read_metrics(tmp_path / "run")[-1] == {"event": "nonfinite", "step": 7,
+                                                  "what": "train loss is nan at step 7"}
+    assert torch.load(ckpt, weights_only=True)["step"] == 5

@@ -6,6 +6,8 @@ import signal
 import sys
 import threading
 
+import torch
+
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite values, ...): reported as one line, exit code 1."""
@@ -54,3 +56,27 @@ def check_finite(step: int, loss: float, grad_norm: float | None) -> str | None:
     if grad_norm is not None and not math.isfinite(grad_norm):
         return f"gradient norm is {grad_norm} at step {step}"
     return None
+
+
+class NonFiniteFlag:
+    """The non-finite guard on the device: each step folds its loss and gradient norm into a small device tensor
+    (the first bad step, its loss and its norm) without reading anything back; `read()` brings it to the host at the
+    loop's synchronisation points (log, evaluation and checkpoint steps) and clears it."""
+
+    def __init__(self, device: torch.device):
+        self.record = torch.zeros(3, dtype=torch.float64, device=device)  # step (0: none yet), loss, grad norm
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        norm = grad_norm if grad_norm is not None else torch.zeros((), device=loss.device)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        now = torch.stack([torch.full((), float(step), dtype=torch.float64, device=loss.device),
+                           loss.double(), norm.double()])
+        self.record = torch.where(bad & (self.record[0] == 0), now, self.record)
+
+    def read(self) -> tuple[int, str] | None:
+        """(step, description) of the first non-finite quantity since the last read, or None."""
+        step, loss, norm = self.record.tolist()
+        if step == 0:
+            return None
+        self.record.zero_()
+        return int(step), check_finite(int(step), loss, norm)

@@ -25,7 +25,7 @@ from train.config import Args, ConfigError, from_dict, set_value, to_dict, uses_
 from train.data import load_corpus, random_batch
 from train.distributed import Distributed, full_state, load_full_state, no_grad_sync, shard, wrap
 from train.evaluate import default_stride, evaluate_bytes
-from train.guard import StopOnSignal, TrainingError, check_finite
+from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
 from train.logger import MetricsLog
 from train.optim import build_optimizer, lr_at, sampling
 
@@ -90,6 +90,9 @@ class Run:
         self.data_gen = torch.Generator().manual_seed(t.seed)
         self.step, self.train_time, self.skipped = 0, 0.0, 0
         self.loss_sum, self.steps_since, self.time_since = torch.zeros((), device=self.device), 0, 0.0
+        self.guard = NonFiniteFlag(self.device)
+        self.hw, self.hw_values = None, ()  # the heads' weights on the device, and as last computed
+        self.synced, self.stop_agreed = True, False
         torch.manual_seed(t.seed + dd.rank)  # dropout streams differ across ranks
         if ckpt is not None:
             self.restore(ckpt)
@@ -123,6 +126,9 @@ class Run:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
 
     def checkpoint(self, **extra) -> None:
+        """Save everything a resume needs. A non-finite step since the last read stops the run first: no checkpoint
+        ever holds the weights it produced."""
+        self.check_guard()
         model_state, optim_state = full_state(self.raw, self.optimizer)  # a collective under FSDP
         if not self.dd.main:
             return
@@ -169,16 +175,81 @@ class Run:
         return min(1.0, max(p))
 
     def done(self) -> bool:
+        """Step budget spent, or time budget spent (with several ranks, judged only on the clock they agreed at
+        the last synchronisation point, so that every rank stops at the same step)."""
         t = self.cfg.train
-        return bool((t.max_steps and self.step >= t.max_steps) or (t.max_time and self.train_time >= t.max_time))
+        time_up = t.max_time and self.train_time >= t.max_time and (self.dd.world == 1 or self.synced)
+        return bool((t.max_steps and self.step >= t.max_steps) or time_up)
+
+    def stopping(self, stop: StopOnSignal) -> bool:
+        """A signal ends the loop: at once in one process, at the next synchronisation point with several ranks
+        (where they agree on it)."""
+        return stop.received is not None if self.dd.world == 1 else self.stop_agreed
+
+    def sync_due(self, step: int) -> bool:
+        """Whether step `step` reads scalars back from the device: log, evaluation and checkpoint steps, the last
+        step of a step budget, and every step with train.skip_nonfinite (which must know before updating)."""
+        t = self.cfg.train
+        return bool(t.skip_nonfinite or step % t.log_interval == 0 or step == t.max_steps
+                    or (t.eval_interval and step % t.eval_interval == 0)
+                    or (t.full_eval_interval and step % t.full_eval_interval == 0)
+                    or (t.ckpt_interval and step % t.ckpt_interval == 0))
+
+    def head_weights(self) -> torch.Tensor:
+        """The heads' loss weights as a device tensor, rewritten in place when they change (an intermediate layer
+        stops); a new tensor, and one recompile under torch.compile, only when the last intermediate head stops."""
+        weights = tuple(head_weights(self.cfg.model, self.progress()))
+        if weights != self.hw_values:
+            if self.hw is None or len(weights) != self.hw.numel():
+                self.hw = torch.tensor(weights, device=self.device)
+                if self.hw_values:
+                    print(f"step {self.step}: every intermediate head has stopped; the loss now scores the final "
+                          f"heads only (a compiled model recompiles once)", file=sys.stderr, flush=True)
+            else:
+                self.hw.copy_(torch.tensor(weights), non_blocking=True)
+            self.hw_values = weights
+        return self.hw
+
+    def grad_norm(self, want: bool) -> torch.Tensor | None:
+        """Clip to train.grad_clip and return the global norm (a device tensor); without clipping the norm is
+        computed only when `want` (a logged step)."""
+        t = self.cfg.train
+        params = [p for p in self.raw.parameters() if p.grad is not None]
+        if t.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        elif want:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        else:
+            return None
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def check_guard(self) -> None:
+        """Read the non-finite flag (all ranks agree) and stop the run if a step since the last read was bad."""
+        found = self.guard.read()
+        if self.dd.max([float(found is not None)])[0]:
+            self.nonfinite(found, self.step, before_update=False)
+
+    def nonfinite(self, found: tuple[int, str] | None, now: int, before_update: bool) -> None:
+        """Stop the run on a non-finite step read from the device flag (found on another rank: found is None)."""
+        step, what = found if found is not None else (now, "on another rank")
+        self.log.write({"event": "nonfinite", "step": step, "what": what})
+        last = self.out / "ckpt.pt"
+        where = (f"last good checkpoint: {last} (step {load_checkpoint(last)['step']})" if last.exists()
+                 else "no checkpoint was written yet")
+        when = ("stopped before updating the weights" if before_update and step == now
+                else f"read at step {now}, after the weights were updated")
+        raise TrainingError(f"non-finite values: {what}; {when}; {where}")
 
     def train_step(self, stop: StopOnSignal) -> dict:
-        """One optimiser step; returns its log record (empty when nothing is due)."""
+        """One optimiser step; returns its log record (empty when nothing is due). Nothing is read back from the
+        device unless the step is a synchronisation point (sync_due): the loss, the gradient norm and the
+        non-finite flag stay device tensors in between."""
         t, m, dd = self.cfg.train, self.cfg.model, self.dd
         t0 = time.perf_counter()
-        weights = head_weights(m, self.progress())
-        hw = torch.tensor(weights, device=self.device)
-        main_head = len(weights) - m.n_targets
+        now = self.step + 1
+        sync = self.sync_due(now)
+        hw = self.head_weights()
+        main_head = hw.numel() - m.n_targets
         lr = lr_at(t, self.step, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -194,38 +265,42 @@ class Run:
                 (loss / t.grad_accum).backward()
                 step_loss += loss.detach() / t.grad_accum
                 main_loss += per_head[main_head] / t.grad_accum
-            norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), t.grad_clip or float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        bad = check_finite(self.step + 1, float(step_loss), norm)
-        stop_flag, bad_flag, clock = dd.max([float(stop.received is not None), float(bad is not None),
-                                             self.train_time + time.perf_counter() - t0])
-        if bad_flag:
-            if not t.skip_nonfinite:
-                self.log.write({"event": "nonfinite", "step": self.step + 1, "what": bad or "on another rank"})
-                last = self.out / "ckpt.pt"
-                where = (f"last good checkpoint: {last} (step {load_checkpoint(last)['step']})" if last.exists()
-                         else "no checkpoint was written yet")
-                raise TrainingError(f"non-finite values: {bad or 'on another rank'}; stopped before updating the "
-                                    f"weights; {where}")
+            norm = self.grad_norm(want=sync)
+        self.guard.update(now, step_loss, norm)
+        skip = False
+        self.synced = sync
+        if sync:
+            found = self.guard.read()
+            stop_flag, bad_flag, clock = dd.max([float(stop.received is not None), float(found is not None),
+                                                 self.train_time + time.perf_counter() - t0])
+            if bad_flag and not t.skip_nonfinite:
+                self.nonfinite(found, now, before_update=True)
+            skip = bool(bad_flag)
+            if stop_flag:
+                self.stop_agreed = True
+                if stop.received is None:
+                    stop.received = signal.SIGTERM  # another rank got the signal: stop together
+        else:
+            clock = self.train_time + time.perf_counter() - t0
+        if skip:
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
             self.loss_sum += main_loss
             self.steps_since += 1
-        self.step += 1
-        dt = clock - self.train_time
-        self.train_time, self.time_since = clock, self.time_since + dt
-        if stop_flag and stop.received is None:
-            stop.received = signal.SIGTERM  # another rank got the signal: stop together
-        return self.record(lr, norm)
+        self.step = now
+        self.time_since += clock - self.train_time
+        self.train_time = clock
+        return self.record(lr, float(norm) if sync and norm is not None else None)
 
-    def record(self, lr: float, norm: float) -> dict:
+    def record(self, lr: float, norm: float | None) -> dict:
         t, dd = self.cfg.train, self.dd
         record = {}
         if self.step % t.log_interval == 0 or self.step == t.max_steps:
             record = {"step": self.step, "lr": lr, "train_time_s": round(self.train_time, 3),
-                      "progress": round(self.progress(), 5), "grad_norm": norm if math.isfinite(norm) else None}
+                      "progress": round(self.progress(), 5),
+                      "grad_norm": norm if norm is not None and math.isfinite(norm) else None}
             if self.steps_since:  # 0 when every step since the last line was skipped
                 total, tsum = dd.sum([float(self.loss_sum), self.time_since])
                 tokens = t.batch_size * t.grad_accum * self.cfg.model.block_size * self.steps_since
@@ -249,7 +324,7 @@ class Run:
         self.raw.train()
         with StopOnSignal(verbose=self.dd.main) as stop:
             try:
-                while not self.done() and stop.received is None:
+                while not self.done() and not self.stopping(stop):
                     record = self.train_step(stop)
                     if record:
                         self.log.write(record)
@@ -262,7 +337,8 @@ class Run:
                     bar.refresh()
             finally:
                 bar.close()
-            if stop.received is not None:
+            self.check_guard()  # before the final evaluation and checkpoint
+            if self.stopping(stop):
                 self.checkpoint()
                 final = {"event": "interrupted", "signal": stop.name, "step": self.step,
                          "train_time_s": round(self.train_time, 3)}
