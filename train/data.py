@@ -12,7 +12,9 @@ from __future__ import annotations
 import bz2
 import hashlib
 import os
+import queue
 import sys
+import threading
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -183,3 +185,51 @@ def random_batch(split: np.ndarray, batch_size: int, block_size: int, generator:
     rows = np.stack([split[i: i + block_size + 1] for i in starts[rank * per:(rank + 1) * per].tolist()])
     t = torch.from_numpy(rows.astype(np.int64))
     return t[:, :-1], t[:, 1:]
+
+
+class BatchPrefetcher:
+    """Training batches drawn in a background thread, `depth` ahead of the step that uses them, into pinned memory
+    on CUDA (so the copy to the device is asynchronous), handed over in order. The stream of batches is the one
+    `random_batch` draws from the generator on the calling thread; `state` is the generator's state after the last
+    batch handed over, which is what a checkpoint must save for an exact resume (the batches drawn ahead are drawn
+    again after it)."""
+
+    def __init__(self, split: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+                 shard: tuple[int, int], device: torch.device, depth: int = 2):
+        self.state = generator.get_state()
+        self.device = device
+        self._args = (split, batch_size, block_size, generator, shard)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="charlm-batches", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        generator, pin = self._args[3], self.device.type == "cuda"
+        try:
+            while not self._closed.is_set():
+                x, y = random_batch(*self._args)
+                item = (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+                self._put((*item, generator.get_state()))
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, raised there
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch (x, y) on the device."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        x, y, self.state = item
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from model import GPT, head_weights
 from train.checkpoint import check_same_architecture, git_sha, load_checkpoint, save_checkpoint
 from train.config import Args, ConfigError, from_dict, set_value, to_dict, uses_cuda
-from train.data import load_corpus, random_batch
+from train.data import BatchPrefetcher, load_corpus, random_batch
 from train.distributed import Distributed, full_state, load_full_state, no_grad_sync, shard, wrap
 from train.evaluate import default_stride, evaluate_bytes
 from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
@@ -88,6 +88,7 @@ class Run:
         self.model = wrap(self.raw, t, dd, find_unused=m.n_intermediate > 0)  # intermediate heads stop mid-run
         self.optimizer = build_optimizer(self.raw, t, len(self.corpus.split("train")))
         self.data_gen = torch.Generator().manual_seed(t.seed)
+        self.batches: BatchPrefetcher | None = None  # started by the first step (after a resume has set data_gen)
         self.step, self.train_time, self.skipped = 0, 0.0, 0
         self.loss_sum, self.steps_since, self.time_since = torch.zeros((), device=self.device), 0, 0.0
         self.guard = NonFiniteFlag(self.device)
@@ -132,7 +133,8 @@ class Run:
         model_state, optim_state = full_state(self.raw, self.optimizer)  # a collective under FSDP
         if not self.dd.main:
             return
-        rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()}
+        rng = {"torch": torch.get_rng_state(),
+               "data": self.batches.state if self.batches is not None else self.data_gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(self.out / "ckpt.pt", {
@@ -246,6 +248,9 @@ class Run:
         non-finite flag stay device tensors in between."""
         t, m, dd = self.cfg.train, self.cfg.model, self.dd
         t0 = time.perf_counter()
+        if self.batches is None:
+            self.batches = BatchPrefetcher(self.corpus.split("train"), t.batch_size, m.block_size, self.data_gen,
+                                           (dd.rank, dd.world), self.device)
         now = self.step + 1
         sync = self.sync_due(now)
         hw = self.head_weights()
@@ -257,9 +262,7 @@ class Run:
         step_loss, main_loss = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         with sampling(self.optimizer):
             for micro in range(t.grad_accum):
-                x, y = random_batch(self.corpus.split("train"), t.batch_size, m.block_size, self.data_gen,
-                                    (dd.rank, dd.world))
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                x, y = self.batches.next()
                 with no_grad_sync(self.model, self.raw, t, dd, micro == t.grad_accum - 1), self.autocast():
                     loss, per_head = self.model(x, y, hw)
                 (loss / t.grad_accum).backward()
@@ -354,6 +357,8 @@ class Run:
 
     def close(self) -> None:
         self.log.close()
+        if self.batches is not None:
+            self.batches.close()
         # Free DDP's reducer while the process group is still registered: destroying the group from the
         # reducer's destructor, which holds the GIL, can deadlock with gloo's worker threads.
         self.model = self.raw = self.optimizer = None
