@@ -17,9 +17,9 @@ from bench.reference_gpt import ReferenceGPT
 from bench.timing import device_name, report, time_per_call
 from model import GPT, ModelConfig, head_weights
 from train.config import PRESETS
+from train.hardware import PEAK_BF16_FLOPS
 
 IMPLS = ["reference", "charlm-eager", "charlm-compiled", "charlm-compiled-triton"]
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
 
 
 def presets_here() -> list[str]:

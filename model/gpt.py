@@ -119,6 +119,15 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
 
+    def flops_per_token(self, n_heads: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight of every matmul in the blocks and of the
+        n_heads classifier heads that score the step (embedding and position lookups are not matmuls), plus causal
+        attention's 12 * n_layer * d_model * block_size (PaLM's count, the mask not halving it)."""
+        cfg = self.cfg
+        blocks = sum(p.numel() for n, p in self.blocks.named_parameters() if p.dim() >= 2 and ".pos." not in n)
+        heads = n_heads * cfg.vocab_size * cfg.d_model
+        return 6 * (blocks + heads) + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 head_weights: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) bytes. Without targets: the t+1 logits (B, T, V).

@@ -169,3 +169,13 @@ def test_init_schemes():
 def test_sequences_longer_than_the_context_are_refused():
     with pytest.raises(ValueError, match="exceeds block_size"):
         GPT(small())(torch.zeros(1, 13, dtype=torch.long))
+
+
+def test_training_flops_per_token_count_every_matmul_and_the_active_heads():
+    from train.config import t12
+    cfg = t12().model
+    model = GPT(cfg)
+    D, F, L, T, V = cfg.d_model, cfg.d_ff, cfg.n_layer, cfg.block_size, cfg.vocab_size
+    blocks = L * (3 * D * D + D * D + D * F + F * D)  # qkv, out-projection, fc, proj (positions are lookups)
+    assert model.flops_per_token(0) == 6 * blocks + 12 * L * D * T
+    assert model.flops_per_token(24) - model.flops_per_token(2) == 6 * 22 * V * D

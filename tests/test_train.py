@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from conftest import read_metrics, run_cli
+from conftest import read_metrics, run_cli, tiny_config
+from train.config import Args
+from train.loop import train
 
 
 def test_run_writes_config_metrics_and_checkpoint(tiny_run, small_corpus):
@@ -99,3 +101,12 @@ def test_final_evaluation_can_be_skipped_and_its_batch_and_stride_set(small_corp
     assert calls == [(4, 7), (4, 7)] and final["full_val_protocol"] == "strided, stride 4 of block 32"
     default = tiny_config(small_corpus, tmp_path / "c")
     assert default.train.eval_batch_size == 0 and default.train.eval_stride == 0  # 4 x batch_size, block / 4
+
+
+def test_profile_writes_a_chrome_trace_of_the_asked_steps(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, tmp_path / "run", train__profile=3, train__max_steps=12, train__final_eval="false")
+    train(Args(cfg, "tiny"))
+    trace = json.loads((tmp_path / "run" / "trace.json").read_text())
+    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])  # the steps' operators
+    assert {"event": "profile", "steps": 3, "trace": str(tmp_path / "run" / "trace.json")} in read_metrics(
+        tmp_path / "run")

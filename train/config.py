@@ -45,6 +45,7 @@ class TrainConfig:
     max_time: float = 0.0  # training budget in seconds (evaluation and checkpoint time not counted); 0 = no time limit
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast to bfloat16 (CUDA only)
     compile: bool = False  # torch.compile the model
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     seed: int = 1337  # seeds parameters, data sampling and dropout
     log_interval: int = 10  # steps between metrics lines
@@ -57,6 +58,7 @@ class TrainConfig:
     ckpt_interval: int = 1000  # steps between checkpoints (and at the end, and on SIGTERM / Ctrl-C)
     skip_nonfinite: bool = False  # skip and count steps with a non-finite loss or gradient norm instead of stopping
     fsdp: bool = False  # shard parameters, gradients and optimiser state with FSDP2 (torchrun, 2+ ranks)
+    profile: int = 0  # trace this many steps (after 5 warm-up steps) with torch.profiler into <out_dir>/trace.json
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Config:
             if getattr(t, name) <= 0:
                 out.append(f"train.{name} must be > 0 (got {getattr(t, name)})")
         for name in ("max_steps", "max_time", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
-                     "full_eval_interval", "ckpt_interval", "ivon_ess", "eval_stride", "eval_batch_size"):
+                     "full_eval_interval", "ckpt_interval", "ivon_ess", "eval_stride", "eval_batch_size", "profile"):
             if getattr(t, name) < 0:
                 out.append(f"train.{name} must be >= 0 (got {getattr(t, name)})")
         if t.eval_stride > self.model.block_size:

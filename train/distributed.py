@@ -64,7 +64,7 @@ def shard(raw: GPT, t: TrainConfig) -> None:
 
 def wrap(raw: GPT, t: TrainConfig, dd: Distributed, find_unused: bool) -> torch.nn.Module:
     """The module the loop calls: compiled if asked, under DDP when distributed without FSDP."""
-    model = torch.compile(raw) if t.compile else raw
+    model = torch.compile(raw, mode=None if t.compile_mode == "default" else t.compile_mode) if t.compile else raw
     if dd.world > 1 and not t.fsdp:
         model = DDP(model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None,
                     find_unused_parameters=find_unused)

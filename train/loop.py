@@ -26,7 +26,9 @@ from train.data import BatchPrefetcher, load_corpus, random_batch
 from train.distributed import Distributed, full_state, load_full_state, no_grad_sync, shard, wrap
 from train.evaluate import default_stride, evaluate_bytes
 from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
+from train.hardware import peak_bf16_flops
 from train.logger import MetricsLog
+from train.profiler import StepProfiler
 from train.optim import build_optimizer, lr_at, sampling
 
 LN2 = math.log(2)
@@ -98,6 +100,7 @@ class Run:
         if ckpt is not None:
             self.restore(ckpt)
         self.autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if t.precision == "bf16" else nullcontext
+        self.peak_flops = peak_bf16_flops(self.device) if t.precision == "bf16" else None  # for MFU
         self.meta = {"n_params": self.n_params, "dataset": self.corpus.identity, "git_sha": git_sha()}
         self.config = to_dict(self.cfg)  # as plain data, for config.json, the logs and every checkpoint
         if dd.main:
@@ -307,8 +310,11 @@ class Run:
             if self.steps_since:  # 0 when every step since the last line was skipped
                 total, tsum = dd.sum([float(self.loss_sum), self.time_since])
                 tokens = t.batch_size * t.grad_accum * self.cfg.model.block_size * self.steps_since
-                record.update(train_loss=total / (self.steps_since * dd.world),
-                              tokens_per_s=tokens / max(tsum / dd.world, 1e-9))
+                tokens_per_s = tokens / max(tsum / dd.world, 1e-9)
+                record.update(train_loss=total / (self.steps_since * dd.world), tokens_per_s=tokens_per_s)
+                if self.peak_flops:
+                    flops = self.raw.flops_per_token(self.hw.numel()) * tokens_per_s  # tokens of all ranks
+                    record["mfu"] = flops / (self.peak_flops * dd.world)
             if self.skipped:
                 record["skipped_steps"] = self.skipped
             self.loss_sum.zero_()
@@ -325,10 +331,12 @@ class Run:
                    bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
         last = {}
         self.raw.train()
+        profiler = StepProfiler(t.profile, self.out, self.device.type == "cuda", enabled=self.dd.main)
         with StopOnSignal(verbose=self.dd.main) as stop:
             try:
                 while not self.done() and not self.stopping(stop):
                     record = self.train_step(stop)
+                    profiler.step_done()
                     if record:
                         self.log.write(record)
                         last.update(record)
@@ -340,6 +348,9 @@ class Run:
                     bar.refresh()
             finally:
                 bar.close()
+                profiler.close()
+                if profiler.traced:
+                    self.log.write({"event": "profile", "steps": profiler.traced, "trace": str(profiler.path)})
             self.check_guard()  # before the final evaluation and checkpoint
             if self.stopping(stop):
                 self.checkpoint()

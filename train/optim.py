@@ -21,11 +21,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, train_bytes: int) -> torch.optim.Optimizer:
+    """The optimiser of train.optimizer; Adam and AdamW in their fused CUDA form (one kernel for all parameters)
+    when every parameter is on a GPU and not sharded by FSDP."""
     groups = param_groups(model, t.weight_decay)
+    fused = all(p.is_cuda for p in model.parameters()) and not t.fsdp
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
     if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+        return torch.optim.Adam(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
     try:
