@@ -9,7 +9,7 @@ import torch
 
 from model import GPT, ModelConfig, head_weights
 from model.layers import LayerNorm
-from train.config import t12, tiny
+from train.config import PRESETS, tiny
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -58,12 +58,15 @@ def test_layernorm_model_with_the_kernels(bias):
     assert_same(tiny_model(norm="layernorm", activation="gelu", bias=bias))
 
 
-def test_t12_at_reduced_width_with_the_kernels():
+@pytest.mark.parametrize("preset", ["t12", "t12-modern"])
+def test_t12_presets_at_reduced_width_with_the_kernels(preset):
     """The paper's model as the t12 preset builds it (LayerNorm, per-layer learned positions, t+1/t+2 heads at all
-    12 layers; GELU for ReLU, see above), narrowed to d_model 32 and 40-byte windows for the interpreter."""
-    cfg = dataclasses.replace(t12().model, d_model=32, n_head=2, d_ff=64, block_size=40, dropout=0.0,
-                              activation="gelu")
-    layers = GPT(cfg).to(DEVICE)
-    assert sum(isinstance(m, LayerNorm) for m in layers.modules()) == 0  # kernels=torch: nn.LayerNorm
-    assert sum(isinstance(m, LayerNorm) for m in GPT(dataclasses.replace(cfg, kernels="triton")).modules()) > 0
+    12 layers; GELU for ReLU, see above), and t12-modern (RMSNorm, SwiGLU, RoPE), narrowed to d_model 32 and
+    40-byte windows for the interpreter."""
+    cfg = PRESETS[preset]().model
+    cfg = dataclasses.replace(cfg, d_model=32, n_head=2, d_ff=64, block_size=40, dropout=0.0,
+                              activation="gelu" if cfg.activation == "relu" else cfg.activation)
+    if preset == "t12":  # the fused LayerNorm replaces nn.LayerNorm only with the kernels
+        assert not any(isinstance(m, LayerNorm) for m in GPT(cfg).modules())
+        assert any(isinstance(m, LayerNorm) for m in GPT(dataclasses.replace(cfg, kernels="triton")).modules())
     assert_same(cfg)
