@@ -1,6 +1,8 @@
 """A whole training step (forward, backward, AdamW step) of a preset's model: charlm eager, charlm compiled,
 charlm compiled with the Triton kernels, and the plain reference GPT (bench/reference_gpt.py) on the same
-config and batch. Reports seconds per step, tokens/s, MFU (GPU) and the speed-up over the reference.
+config and batch; and the real thing, `Run.train_step` of `python -m train --preset=<preset>` with its data
+thread, guard and logging (case `run`), so that the MFU reported is what training gets. Reports seconds per
+step, tokens/s, MFU (GPU) and the speed-up over the reference.
 
     pytest bench/bench_train_step.py -s        (cpu preset on any machine; t12 on a GPU)
     python -m bench                            (the whole suite as a table of ratios)
@@ -8,7 +10,9 @@ config and batch. Reports seconds per step, tokens/s, MFU (GPU) and the speed-up
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +20,12 @@ import torch
 from bench.reference_gpt import ReferenceGPT
 from bench.timing import device_name, report, time_per_call
 from model import GPT, ModelConfig, head_weights
-from train.config import PRESETS
+from train.config import PRESETS, Args
+from train.guard import StopOnSignal
 from train.hardware import PEAK_BF16_FLOPS
+from train.loop import Run
 
-IMPLS = ["reference", "charlm-eager", "charlm-compiled", "charlm-compiled-triton"]
+IMPLS = ["reference", "charlm-eager", "charlm-compiled", "charlm-compiled-triton", "run"]
 
 
 def presets_here() -> list[str]:
@@ -27,7 +33,7 @@ def presets_here() -> list[str]:
 
 
 def impls_here() -> list[str]:
-    return IMPLS if torch.cuda.is_available() else IMPLS[:3]  # Triton kernels run on CPUs only interpreted
+    return IMPLS if torch.cuda.is_available() else [i for i in IMPLS if not i.endswith("triton")]  # interpreted
 
 
 def flops_per_token(cfg: ModelConfig, n_matmul_params: int) -> float:
@@ -61,13 +67,36 @@ def make_step(preset: str, impl: str, device: str):
     return step, cfg, batch, n_matmul
 
 
+@contextmanager
+def real_run(preset: str):
+    """(step function, model config, batch size, matmul parameter count) of the trainer itself: a Run of the
+    preset (on the sample corpus; data/enwiki-sample.xml when present, as the device suite carries it) in a
+    temporary folder, without evaluations or checkpoints."""
+    cfg = PRESETS[preset]()
+    sample = Path("data/enwiki-sample.xml")
+    cfg.data.source = str(sample) if sample.exists() else "sample"
+    cfg.train.max_steps, cfg.train.max_time = 10**9, 0.0
+    cfg.train.eval_interval = cfg.train.full_eval_interval = cfg.train.ckpt_interval = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.out_dir = tmp
+        run = Run(Args(cfg, preset))
+        stop = StopOnSignal(verbose=False)  # never entered: no handlers installed
+        n_matmul = sum(p.numel() for n, p in run.raw.named_parameters()
+                       if p.dim() >= 2 and not any(k in n for k in ("tok_emb", "pos")))
+        try:
+            yield (lambda: run.train_step(stop)), cfg.model, cfg.train.batch_size, n_matmul
+        finally:
+            run.close()
+
+
 def run_case(preset: str, impl: str, benchmark=None) -> dict:
     """Time one implementation (and, given pytest-benchmark's fixture, hand it the same step)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    step, cfg, batch, n_matmul = make_step(preset, impl, device)
-    seconds = time_per_call(step, [()], calls=10, rounds=7 if device == "cuda" else 9, warmup=3)
-    if benchmark is not None:
-        benchmark.pedantic(step, rounds=3)
+    with real_run(preset) if impl == "run" else nullcontext(make_step(preset, impl, device)) as made:
+        step, cfg, batch, n_matmul = made
+        seconds = time_per_call(step, [()], calls=10, rounds=7 if device == "cuda" else 9, warmup=3)
+        if benchmark is not None:
+            benchmark.pedantic(step, rounds=3)
     tokens = batch * cfg.block_size
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name()), None)
     result = {"name": f"train_step/{preset}/{impl}", "reference": f"train_step/{preset}/reference",
