@@ -64,6 +64,10 @@ class Heads(nn.Module):
         self.loss_fn = (functools.partial(multihead_cross_entropy, impl=cfg.loss_impl) if cfg.kernels == "triton"
                         else multihead_cross_entropy_ref)
 
+    def intermediate_parameters(self) -> list[nn.Parameter]:
+        """The parameters only the intermediate heads use (their classifiers and norms)."""
+        return ([self.inter] if self.inter is not None else []) + list(self.inter_norms.parameters())
+
     def weights(self, with_inter: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = ([self.inter] if with_inter and self.inter is not None else []) + [self.main[None]]
         if self.extra is not None:

@@ -9,9 +9,12 @@ COMMON = ["--preset=tiny", "--train.max_steps=12", "--train.log_interval=1", "--
           "--train.batch_size=4", "--model.intermediate_loss=true", "--model.n_layer=3"]
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_two_ranks_match_one_process(small_corpus, tmp_path, accum):
-    args = COMMON + [f"--data.source={small_corpus}", f"--train.grad_accum={accum}"]
+@pytest.mark.parametrize("accum, compile_", [(1, False), (2, False), (1, True)],
+                         ids=["eager", "accum2", "compiled"])
+def test_two_ranks_match_one_process(small_corpus, tmp_path, accum, compile_):
+    """Through the step where the intermediate heads stop (their parameters are frozen and DDP wraps again), and
+    compiled: DDP wrapped first, the compiler's DDPOptimizer splitting the graph at gradient buckets."""
+    args = COMMON + [f"--data.source={small_corpus}", f"--train.grad_accum={accum}", f"--train.compile={compile_}"]
     single = run_cli(*args, f"--out_dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr
     ddp = run_cli("--standalone", "--nproc_per_node=2", "-m", "train", *args, f"--out_dir={tmp_path / 'ddp'}",

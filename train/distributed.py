@@ -62,12 +62,20 @@ def shard(raw: GPT, t: TrainConfig) -> None:
     fully_shard(raw)
 
 
-def wrap(raw: GPT, t: TrainConfig, dd: Distributed, find_unused: bool) -> torch.nn.Module:
-    """The module the loop calls: compiled if asked, under DDP when distributed without FSDP."""
-    model = torch.compile(raw, mode=None if t.compile_mode == "default" else t.compile_mode) if t.compile else raw
-    if dd.world > 1 and not t.fsdp:
-        model = DDP(model, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None,
-                    find_unused_parameters=find_unused)
+def uses_ddp(t: TrainConfig, dd: Distributed) -> bool:
+    return dd.world > 1 and not t.fsdp
+
+
+def wrap(raw: GPT, t: TrainConfig, dd: Distributed) -> torch.nn.Module:
+    """The module the loop calls: DDP when distributed without FSDP, then compiled if asked (DDP first, so that
+    the compiler's DDPOptimizer splits the graph at gradient-bucket boundaries and all-reduces overlap the backward
+    pass). Every parameter that requires a gradient must get one each step (no find_unused_parameters): the loop
+    freezes the intermediate heads' parameters and wraps again when they stop."""
+    model = raw
+    if uses_ddp(t, dd):
+        model = DDP(raw, device_ids=[dd.local_rank] if dd.device.type == "cuda" else None)
+    if t.compile:
+        model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
     return model
 
 

@@ -23,7 +23,7 @@ from model import GPT, head_weights
 from train.checkpoint import check_same_architecture, git_sha, load_checkpoint, save_checkpoint
 from train.config import Args, ConfigError, from_dict, set_value, to_dict, uses_cuda
 from train.data import BatchPrefetcher, load_corpus, random_batch
-from train.distributed import Distributed, full_state, load_full_state, no_grad_sync, shard, wrap
+from train.distributed import Distributed, full_state, load_full_state, no_grad_sync, shard, uses_ddp, wrap
 from train.evaluate import default_stride, evaluate_bytes
 from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
 from train.hardware import peak_bf16_flops
@@ -87,7 +87,7 @@ class Run:
         self.raw = GPT(m).to(self.device)
         self.n_params = self.raw.num_params()
         shard(self.raw, t)
-        self.model = wrap(self.raw, t, dd, find_unused=m.n_intermediate > 0)  # intermediate heads stop mid-run
+        self.model = wrap(self.raw, t, dd)
         self.optimizer = build_optimizer(self.raw, t, len(self.corpus.split("train")))
         self.data_gen = torch.Generator().manual_seed(t.seed)
         self.batches: BatchPrefetcher | None = None  # started by the first step (after a resume has set data_gen)
@@ -203,17 +203,29 @@ class Run:
     def head_weights(self) -> torch.Tensor:
         """The heads' loss weights as a device tensor, rewritten in place when they change (an intermediate layer
         stops); a new tensor, and one recompile under torch.compile, only when the last intermediate head stops."""
-        weights = tuple(head_weights(self.cfg.model, self.progress()))
+        m = self.cfg.model
+        weights = tuple(head_weights(m, self.progress()))
         if weights != self.hw_values:
             if self.hw is None or len(weights) != self.hw.numel():
                 self.hw = torch.tensor(weights, device=self.device)
                 if self.hw_values:
                     print(f"step {self.step}: every intermediate head has stopped; the loss now scores the final "
                           f"heads only (a compiled model recompiles once)", file=sys.stderr, flush=True)
+                if len(weights) == m.n_targets and m.n_intermediate and uses_ddp(self.cfg.train, self.dd):
+                    self.unwrap_intermediate_heads()
             else:
                 self.hw.copy_(torch.tensor(weights), non_blocking=True)
             self.hw_values = weights
         return self.hw
+
+    def unwrap_intermediate_heads(self) -> None:
+        """DDP reduces the gradient of every parameter that requires one: once the intermediate heads have stopped,
+        their parameters are frozen and the model wrapped again (the old wrapper freed first, with its hooks)."""
+        for p in self.raw.heads.intermediate_parameters():
+            p.requires_grad_(False)
+        self.model = None
+        gc.collect()
+        self.model = wrap(self.raw, self.cfg.train, self.dd)
 
     def grad_norm(self, want: bool) -> torch.Tensor | None:
         """Clip to train.grad_clip and return the global norm (a device tensor); without clipping the norm is
