@@ -110,3 +110,26 @@ def test_profile_writes_a_chrome_trace_of_the_asked_steps(small_corpus, tmp_path
     assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])  # the steps' operators
     assert {"event": "profile", "steps": 3, "trace": str(tmp_path / "run" / "trace.json")} in read_metrics(
         tmp_path / "run")
+
+
+def test_activation_checkpointing_changes_no_loss_and_no_weight(small_corpus, tmp_path, monkeypatch):
+    """With dropout on (the recomputation must replay the same masks) and intermediate heads: the same losses at
+    every step and the same final weights, under the same state-dict keys; the blocks do run twice."""
+    from model.layers import Block
+    calls, forward = [], Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    runs, block_calls = {}, {}
+    for ac in (False, True):
+        calls.clear()
+        cfg = tiny_config(small_corpus, tmp_path / str(ac), train__activation_checkpointing=str(ac),
+                          model__dropout=0.2, model__intermediate_loss="true", model__n_layer=3,
+                          train__max_steps=8, train__final_eval="false")
+        train(Args(cfg, "tiny"))
+        runs[ac] = ([r["train_loss"] for r in read_metrics(tmp_path / str(ac)) if "train_loss" in r and
+                     "event" not in r], torch.load(tmp_path / str(ac) / "ckpt.pt", weights_only=True)["model"])
+        block_calls[ac] = len(calls)
+    assert block_calls[True] == block_calls[False] + 8 * 3  # 8 steps x 3 blocks recomputed in the backward
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 8
+    assert runs[True][1].keys() == runs[False][1].keys()
+    for k in runs[False][1]:
+        torch.testing.assert_close(runs[True][1][k], runs[False][1][k], rtol=0, atol=0, msg=k)

@@ -52,6 +52,17 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def checkpoint_activations(raw: GPT, t: TrainConfig) -> None:
+    """train.activation_checkpointing: every block keeps only its input for the backward pass and recomputes the
+    rest (non-reentrant torch.utils.checkpoint, which restores the dropout RNG, so gradients are unchanged).
+    In place, before sharding; state-dict keys stay the plain model's."""
+    if not t.activation_checkpointing:
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    for i, block in enumerate(raw.blocks):
+        raw.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
 def shard(raw: GPT, t: TrainConfig) -> None:
     """FSDP2: each block is its own unit, the root holds embeddings and heads. In place, before the optimiser."""
     if not t.fsdp:  # Config.errors() has checked that there are several ranks

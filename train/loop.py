@@ -23,7 +23,8 @@ from model import GPT, head_weights
 from train.checkpoint import check_same_architecture, git_sha, load_checkpoint, save_checkpoint
 from train.config import Args, ConfigError, from_dict, set_value, to_dict, uses_cuda
 from train.data import BatchPrefetcher, load_corpus, random_batch
-from train.distributed import Distributed, full_state, load_full_state, no_grad_sync, shard, uses_ddp, wrap
+from train.distributed import (Distributed, checkpoint_activations, full_state, load_full_state, no_grad_sync, shard,
+                               uses_ddp, wrap)
 from train.evaluate import default_stride, evaluate_bytes
 from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
 from train.hardware import peak_bf16_flops
@@ -86,6 +87,7 @@ class Run:
         torch.manual_seed(t.seed)
         self.raw = GPT(m).to(self.device)
         self.n_params = self.raw.num_params()
+        checkpoint_activations(self.raw, t)
         shard(self.raw, t)
         self.model = wrap(self.raw, t, dd)
         self.optimizer = build_optimizer(self.raw, t, len(self.corpus.split("train")))
