@@ -8,7 +8,7 @@
 #                                                       # and PARITY_ONLY="tests/test_mhce.py")
 #
 # Steps: environment; GPU parity tests of every kernel in bf16 and fp32 (and the model, KV cache, attention);
-# the kernel, training-step and evaluator benchmarks (python -m bench); a 2-minute T12 training run with its loss
+# the kernel, training-step and evaluator benchmarks (python -m bench); a 1-minute T12 training run with its loss
 # curve; a markdown summary. Everything lands in OUT_DIR (8 files at most, as the device tool returns them):
 # env.txt parity.log parity.xml bench.txt bench.json t12_metrics.jsonl curves.png summary.md
 # Each step has a time limit (SIGINT, then SIGKILL 20 s later; exit code 124/137 in the summary), so that one
@@ -43,8 +43,8 @@ if [ "$DRY" = 1 ]; then
   PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_layernorm.py tests/test_mhce.py"
   LIMIT_PARITY=900; LIMIT_BENCH=900; LIMIT_TRAIN=300
 else
-  PRESET=t12; TRAIN_TIME=90
-  LIMIT_PARITY=150; LIMIT_BENCH=280; LIMIT_TRAIN=150
+  PRESET=t12; TRAIN_TIME=60
+  LIMIT_PARITY=150; LIMIT_BENCH=300; LIMIT_TRAIN=120
   PARITY_TESTS="tests/test_rmsnorm.py tests/test_swiglu.py tests/test_layernorm.py tests/test_mhce.py
                 tests/test_model_kernels.py
                 tests/test_kv_cache.py tests/test_gpu.py"
