@@ -35,3 +35,18 @@ def test_two_ranks_match_one_process(small_corpus, tmp_path, accum, compile_):
     wb = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_time_budget_on_two_ranks_ends_every_rank_at_the_same_synchronisation_step(small_corpus, tmp_path):
+    """Ranks read the clock only at log steps (agreeing on it there): the run ends at one, on every rank, and the
+    learning rate and head weights follow that agreed clock (different ones would leave the ranks' models apart,
+    or hang DDP when one rank drops the intermediate heads first)."""
+    args = ["--preset=tiny", f"--data.source={small_corpus}", "--train.max_steps=0", "--train.max_time=4",
+            "--train.log_interval=5", "--train.eval_interval=0", "--train.ckpt_interval=0", "--train.batch_size=4",
+            "--model.intermediate_loss=true", "--model.n_layer=3", "--train.final_eval=false",
+            f"--out_dir={tmp_path / 'ddp'}"]
+    ddp = run_cli("--standalone", "--nproc_per_node=2", "-m", "train", *args, module="torch.distributed.run",
+                  env={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr
+    end = read_metrics(tmp_path / "ddp")[-1]
+    assert end["event"] == "end" and end["step"] % 5 == 0 and end["train_time_s"] >= 4

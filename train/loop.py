@@ -97,7 +97,7 @@ class Run:
         self.loss_sum, self.steps_since, self.time_since = torch.zeros((), device=self.device), 0, 0.0
         self.guard = NonFiniteFlag(self.device)
         self.hw, self.hw_values = None, ()  # the heads' weights on the device, and as last computed
-        self.synced, self.stop_agreed = True, False
+        self.agreed_time, self.stop_agreed = 0.0, False
         torch.manual_seed(t.seed + dd.rank)  # dropout streams differ across ranks
         if ckpt is not None:
             self.restore(ckpt)
@@ -122,6 +122,7 @@ class Run:
             raise ConfigError(f"checkpoint {self.out / 'ckpt.pt'} does not fit this model or optimiser: "
                               f"{str(e).strip().splitlines()[0]}"[:300]) from None
         self.step, self.train_time, self.skipped = ckpt["step"], ckpt["train_time"], ckpt.get("skipped", 0)
+        self.agreed_time = self.train_time
         acc = ckpt["log_acc"]
         self.loss_sum.fill_(acc["loss_sum"])
         self.steps_since, self.time_since = acc["steps"], acc["time"]
@@ -176,17 +177,20 @@ class Run:
         return {f"full_{split}_bpc": r["bpc"], f"full_{split}_protocol": r["protocol"]}
 
     # ------------------------------------------------------------------------------------------ training
+    def elapsed(self) -> float:
+        """The training clock that schedules and budgets read: with several ranks the one they agreed on at the
+        last synchronisation point, so that every rank computes the same learning rate and head weights and stops
+        at the same step."""
+        return self.train_time if self.dd.world == 1 else self.agreed_time
+
     def progress(self) -> float:
         t = self.cfg.train
-        p = [self.step / t.max_steps if t.max_steps else 0.0, self.train_time / t.max_time if t.max_time else 0.0]
+        p = [self.step / t.max_steps if t.max_steps else 0.0, self.elapsed() / t.max_time if t.max_time else 0.0]
         return min(1.0, max(p))
 
     def done(self) -> bool:
-        """Step budget spent, or time budget spent (with several ranks, judged only on the clock they agreed at
-        the last synchronisation point, so that every rank stops at the same step)."""
         t = self.cfg.train
-        time_up = t.max_time and self.train_time >= t.max_time and (self.dd.world == 1 or self.synced)
-        return bool((t.max_steps and self.step >= t.max_steps) or time_up)
+        return bool((t.max_steps and self.step >= t.max_steps) or (t.max_time and self.elapsed() >= t.max_time))
 
     def stopping(self, stop: StopOnSignal) -> bool:
         """A signal ends the loop: at once in one process, at the next synchronisation point with several ranks
@@ -288,7 +292,6 @@ class Run:
             norm = self.grad_norm(want=sync)
         self.guard.update(now, step_loss, norm)
         skip = False
-        self.synced = sync
         if sync:
             found = self.guard.read()
             stop_flag, bad_flag, clock = dd.max([float(stop.received is not None), float(found is not None),
@@ -296,6 +299,7 @@ class Run:
             if bad_flag and not t.skip_nonfinite:
                 self.nonfinite(found, now, before_update=True)
             skip = bool(bad_flag)
+            self.agreed_time = clock
             if stop_flag:
                 self.stop_agreed = True
                 if stop.received is None:
