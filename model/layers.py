@@ -166,8 +166,28 @@ class CausalSelfAttention(nn.Module):
 
 
 # ---------------------------------------------------------------- block
+class ScaledDropout(nn.Module):
+    """Dropout, then a constant scale: the branch of a depth-scaled residual."""
+
+    def __init__(self, p: float, scale: float):
+        super().__init__()
+        self.drop, self.scale = nn.Dropout(p), scale
+
+    def forward(self, x):
+        return self.scale * self.drop(x)
+
+
+def make_branch(cfg: ModelConfig) -> nn.Module:
+    """What a residual branch's output goes through before it is added: dropout and the residual scale, each only
+    where it does something (a multiply by 1.0 and a dropout of 0 cost a full pass each way, measured: ~10 ms of a
+    ~300 ms CPU step of the cpu preset)."""
+    if cfg.residual_scale == "depth-scaled":
+        return ScaledDropout(cfg.dropout, 1.0 / math.sqrt(2 * cfg.n_layer))
+    return nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x += s*attn(norm(x)); x += s*mlp(norm(x)), s the residual scale."""
+    """Pre-norm transformer block: x += s*drop(attn(norm(x))); x += s*drop(mlp(norm(x))), s the residual scale."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -175,13 +195,12 @@ class Block(nn.Module):
         self.pos = LearnedPositions(cfg.block_size, cfg.d_model) if per_layer else NoPositions()
         self.norm1, self.attn = make_norm(cfg, cfg.d_model), CausalSelfAttention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg, cfg.d_model), make_mlp(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.scale = 1.0 / math.sqrt(2 * cfg.n_layer) if cfg.residual_scale == "depth-scaled" else 1.0
+        self.branch = make_branch(cfg)  # dropout and residual scale
 
     def forward(self, x, cache: KVCache | None = None, positions: torch.Tensor | None = None):
         x = self.pos(x, positions)
-        x = x + self.scale * self.drop(self.attn(self.norm1(x), cache))
-        return x + self.scale * self.drop(self.mlp(self.norm2(x)))
+        x = x + self.branch(self.attn(self.norm1(x), cache))
+        return x + self.branch(self.mlp(self.norm2(x)))
 
     def residual_projections(self) -> list[nn.Linear]:
         """The layers that write into the residual stream (scaled down by init=gpt2)."""
