@@ -32,7 +32,7 @@ NEW_RUN_CASES = [
     (["--train.batch_size=0"], "train.batch_size must be > 0 (got 0)"),
     (["--train.batch_size=-4"], "train.batch_size must be > 0 (got -4)"),
     (["--train.max_steps=-1"], "train.max_steps must be >= 0 (got -1)"),
-    (["--train.max_steps=0"], "set train.max_steps or train.max_time"),
+    (["--train.max_steps=0"], "set train.max_steps, train.max_time or train.max_tokens"),
     (["--preset=gigantic"], "unknown preset 'gigantic'; choose one of tiny, cpu, t12, t12-modern"),
     (["--train.precision=bf16", "--train.device=cpu"], "train.precision=bf16 needs a CUDA device"),
 ]

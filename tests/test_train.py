@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import read_metrics, run_cli, tiny_config
+from conftest import REPO, read_metrics, run_cli, tiny_config
 from train.config import Args
 from train.loop import train
 
@@ -133,3 +133,48 @@ def test_activation_checkpointing_changes_no_loss_and_no_weight(small_corpus, tm
     assert runs[True][1].keys() == runs[False][1].keys()
     for k in runs[False][1]:
         torch.testing.assert_close(runs[True][1][k], runs[False][1][k], rtol=0, atol=0, msg=k)
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_holders_lock_is_not(small_corpus, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from train.lock import RunLock; lock = RunLock(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["--preset=tiny", f"--data.source={small_corpus}", f"--out_dir={out}", "--train.max_steps=3",
+                "--train.final_eval=false", "--overwrite"]
+        r = run_cli(*args)
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines()[-1] == (f"error: {out} is in use by another run (process {holder.pid}); "
+                                                     "wait for it to end or stop it first")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    r = run_cli(*args)  # the kernel dropped the killed holder's lock
+    assert r.returncode == 0, r.stderr
+    assert read_metrics(out)[-1]["event"] == "end"
+
+
+def test_a_token_budget_ends_at_its_step_and_is_logged_there(small_corpus, tmp_path):
+    tokens_per_step = 4 * 32  # tiny: batch 4 x block 32
+    cfg = tiny_config(small_corpus, tmp_path / "run", train__max_steps=0, train__max_tokens=7 * tokens_per_step - 5,
+                      train__log_interval=5, train__final_eval="false")
+    final = train(Args(cfg, "tiny"))
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "event" not in r and "train_loss" in r]
+    assert final["step"] == 7 and steps == [5, 7]
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(small_corpus, tmp_path):
+    r = run_cli("--preset=tiny", f"--data.source={small_corpus}", f"--out_dir={tmp_path / 'run'}",
+                "--train.max_steps=30")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr
+    bars = [line for line in r.stderr.splitlines() if "%|" in line]
+    training = [line for line in bars if not line.startswith("eval")]
+    assert len(training) == 2 and training[-1].startswith("100%"), bars  # the start and the end: no redraws
+    assert len(bars) - len(training) <= 4, bars  # the two final evaluations: a line or two each

@@ -41,8 +41,9 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-step, global (split evenly across ranks)
     grad_accum: int = 1  # micro-steps per optimiser step
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
-    max_steps: int = 10000  # optimiser steps; 0 = no step limit (then max_time must be set)
+    max_steps: int = 10000  # optimiser steps; 0 = no step limit (then max_time or max_tokens must be set)
     max_time: float = 0.0  # training budget in seconds (evaluation and checkpoint time not counted); 0 = no time limit
+    max_tokens: int = 0  # training budget in tokens (batch_size x grad_accum x block_size a step); 0 = no token limit
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast to bfloat16 (CUDA only)
     compile: bool = False  # torch.compile the model
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
@@ -91,14 +92,14 @@ class Config:
         for name in ("lr", "batch_size", "grad_accum", "log_interval", "eval_batches"):
             if getattr(t, name) <= 0:
                 out.append(f"train.{name} must be > 0 (got {getattr(t, name)})")
-        for name in ("max_steps", "max_time", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
+        for name in ("max_steps", "max_time", "max_tokens", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
                      "full_eval_interval", "ckpt_interval", "ivon_ess", "eval_stride", "eval_batch_size", "profile"):
             if getattr(t, name) < 0:
                 out.append(f"train.{name} must be >= 0 (got {getattr(t, name)})")
         if t.eval_stride > self.model.block_size:
             out.append(f"train.eval_stride={t.eval_stride} must be at most model.block_size={self.model.block_size}")
-        if t.max_steps == 0 and t.max_time == 0:
-            out.append("set train.max_steps or train.max_time (both are 0: the run would never stop)")
+        if t.max_steps == 0 and t.max_time == 0 and t.max_tokens == 0:
+            out.append("set train.max_steps, train.max_time or train.max_tokens (all are 0: the run would never stop)")
         if not 0 <= t.min_lr_ratio <= 1:
             out.append(f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
         if t.precision == "bf16" and not uses_cuda(t):

@@ -20,17 +20,16 @@ protocol with stride = segment. The weights are restored afterwards.
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from train.config import ConfigError
 from train.data import random_batch
 from train.evaluate import plan_windows
+from train.logger import progress_bar
 
 EPS_REL = 0.1  # eps of the RMS normalisation, relative to the mean rms
 
@@ -74,8 +73,7 @@ def evaluate_dynamic(model, data: np.ndarray, a: int, b: int, segment: int, lr: 
     model.eval()
     nll, count, losses_out = torch.zeros((), dtype=torch.float64, device=device), 0, []
     windows = plan_windows(a, b, block, segment)
-    bar = tqdm(total=len(windows), desc="dynamic eval", unit="segment", disable=not progress, leave=False,
-               file=sys.stderr)
+    bar = progress_bar(total=len(windows), desc="dynamic eval", unit="segment", disable=not progress, leave=False)
     try:
         for w0, w1, c0 in windows:
             rows = torch.from_numpy(data[w0:w1].astype(np.int64)).to(device)[None]

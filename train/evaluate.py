@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from model.kv_cache import KVCache
 from train.config import ConfigError, DataConfig
+from train.logger import progress_bar
 
 
 DYN_LR, DYN_DECAY = 1e-5, 0.0  # dynamic evaluation's defaults (README, "Evaluation protocols")
@@ -80,7 +80,7 @@ def evaluate_bytes(model, data: np.ndarray, a: int, b: int, block_size: int, str
     mine = batches[rank::world]
     rounds = -(-len(batches) // world)
     nll, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    bar = tqdm(total=rounds, desc="eval", unit="batch", disable=not progress, leave=False, file=sys.stderr)
+    bar = progress_bar(total=rounds, desc="eval", unit="batch", disable=not progress, leave=False)
     for j in range(rounds):
         group = mine[j] if j < len(mine) else batches[0]
         length = group[0][1] - group[0][0]
@@ -141,7 +141,7 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
     model.eval()
     cache = KVCache(cfg, streams, block, chunk, device, dtype=cache_dtype or next(model.parameters()).dtype)
     nll = torch.zeros((), dtype=torch.float64, device=device)
-    bar = tqdm(total=width, desc="cached eval", unit="pos", disable=not progress, leave=False, file=sys.stderr)
+    bar = progress_bar(total=width, desc="cached eval", unit="pos", disable=not progress, leave=False)
     for c0 in range(0, width, chunk):
         with autocast():
             logits = model(inputs[:, c0:c0 + chunk], cache=cache)

@@ -1,9 +1,13 @@
-"""metrics.jsonl (always, main rank) and Weights & Biases (log.wandb=true)."""
+"""metrics.jsonl (always, main rank), Weights & Biases (log.wandb=true), and progress bars fit for a terminal or a
+log file."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from train.config import LogConfig
 
@@ -54,3 +58,29 @@ class MetricsLog:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+PLAIN_INTERVAL_S = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+class _Lines:
+    """A stream for tqdm that turns each redraw into one plain line: what a log file (nohup, SLURM, CI) wants."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").rstrip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """A tqdm bar on stderr: redrawn in place on a terminal; elsewhere one plain line at most every
+    PLAIN_INTERVAL_S seconds (and at the end) instead of a redraw every second."""
+    if sys.stderr.isatty():
+        return tqdm(file=sys.stderr, **kwargs)
+    return tqdm(file=_Lines(sys.stderr), **(kwargs | {"mininterval": PLAIN_INTERVAL_S}))

@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from model import GPT, head_weights
 from train.checkpoint import check_same_architecture, git_sha, load_checkpoint, save_checkpoint
@@ -28,7 +27,8 @@ from train.distributed import (Distributed, checkpoint_activations, full_state, 
 from train.evaluate import default_stride, evaluate_bytes
 from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
 from train.hardware import peak_bf16_flops
-from train.logger import MetricsLog
+from train.lock import RunLock
+from train.logger import MetricsLog, progress_bar
 from train.profiler import StepProfiler
 from train.optim import build_optimizer, lr_at, sampling
 
@@ -39,7 +39,8 @@ RUNNING_PROTOCOL = "random windows, all positions"  # the running val_bpc: eval_
 def prepare_out_dir(args: Args, main: bool) -> tuple[Path, dict | None]:
     """Resolve the run folder; with --resume load its checkpoint and adopt its config (plus CLI overrides).
     The main rank refuses a folder that holds another run unless --resume or --overwrite (other ranks write
-    nothing there and skip the check, which could otherwise see the main rank's fresh files). Writes nothing."""
+    nothing there and skip the check, which could otherwise see the main rank's fresh files). Writes nothing:
+    --overwrite's removals wait for the run folder's lock (Run.__init__)."""
     cfg = args.cfg
     if not cfg.out_dir:
         cfg.out_dir = f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -62,12 +63,12 @@ def prepare_out_dir(args: Args, main: bool) -> tuple[Path, dict | None]:
     problems = cfg.errors()
     if problems:
         raise ConfigError(problems[0])
-    if main and ((out / "metrics.jsonl").exists() or (out / "ckpt.pt").exists()):
-        if not args.overwrite:
-            raise ConfigError(f"{out} holds another run; pass --resume to continue it or --overwrite to replace it")
-        for name in ("metrics.jsonl", "ckpt.pt", "config.json"):
-            (out / name).unlink(missing_ok=True)
+    if main and ((out / "metrics.jsonl").exists() or (out / "ckpt.pt").exists()) and not args.overwrite:
+        raise ConfigError(f"{out} holds another run; pass --resume to continue it or --overwrite to replace it")
     return out, None
+
+
+RUN_FILES = ("metrics.jsonl", "ckpt.pt", "config.json")  # what --overwrite removes
 
 
 class Run:
@@ -105,8 +106,12 @@ class Run:
         self.peak_flops = peak_bf16_flops(self.device) if t.precision == "bf16" else None  # for MFU
         self.meta = {"n_params": self.n_params, "dataset": self.corpus.identity, "git_sha": git_sha()}
         self.config = to_dict(self.cfg)  # as plain data, for config.json, the logs and every checkpoint
-        if dd.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = None
+        if dd.main:  # the folder's one writer from here on: before anything in it is removed or written
+            self.lock = RunLock(self.out)
+            if args.overwrite and ckpt is None:
+                for name in RUN_FILES:
+                    (self.out / name).unlink(missing_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
         self.log = MetricsLog(self.out, self.cfg.log, dd.main, self.config,
                               resume_step=self.step if ckpt is not None else None)
@@ -183,14 +188,29 @@ class Run:
         at the same step."""
         return self.train_time if self.dd.world == 1 else self.agreed_time
 
-    def progress(self) -> float:
+    def tokens(self) -> int:
+        """Tokens trained on so far (all ranks; skipped steps count: their batches were drawn)."""
         t = self.cfg.train
-        p = [self.step / t.max_steps if t.max_steps else 0.0, self.elapsed() / t.max_time if t.max_time else 0.0]
+        return self.step * t.batch_size * t.grad_accum * self.cfg.model.block_size
+
+    def progress(self) -> float:
+        """The fraction of the budget spent: the largest of steps, time and tokens, each over its limit."""
+        t = self.cfg.train
+        p = [self.step / t.max_steps if t.max_steps else 0.0, self.elapsed() / t.max_time if t.max_time else 0.0,
+             self.tokens() / t.max_tokens if t.max_tokens else 0.0]
         return min(1.0, max(p))
+
+    def last_step(self) -> int | None:
+        """The step a step or token budget ends at (logged like a log step), or None under a time budget alone."""
+        t = self.cfg.train
+        per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
+        ends = [t.max_steps] * bool(t.max_steps) + [-(-t.max_tokens // per_step)] * bool(t.max_tokens)
+        return min(ends) if ends else None
 
     def done(self) -> bool:
         t = self.cfg.train
-        return bool((t.max_steps and self.step >= t.max_steps) or (t.max_time and self.elapsed() >= t.max_time))
+        return bool((t.max_steps and self.step >= t.max_steps) or (t.max_time and self.elapsed() >= t.max_time)
+                    or (t.max_tokens and self.tokens() >= t.max_tokens))
 
     def stopping(self, stop: StopOnSignal) -> bool:
         """A signal ends the loop: at once in one process, at the next synchronisation point with several ranks
@@ -199,9 +219,9 @@ class Run:
 
     def sync_due(self, step: int) -> bool:
         """Whether step `step` reads scalars back from the device: log, evaluation and checkpoint steps, the last
-        step of a step budget, and every step with train.skip_nonfinite (which must know before updating)."""
+        step of a step or token budget, and every step with train.skip_nonfinite (which must know before updating)."""
         t = self.cfg.train
-        return bool(t.skip_nonfinite or step % t.log_interval == 0 or step == t.max_steps
+        return bool(t.skip_nonfinite or step % t.log_interval == 0 or step == self.last_step()
                     or (t.eval_interval and step % t.eval_interval == 0)
                     or (t.full_eval_interval and step % t.full_eval_interval == 0)
                     or (t.ckpt_interval and step % t.ckpt_interval == 0))
@@ -321,7 +341,7 @@ class Run:
     def record(self, lr: float, norm: float | None) -> dict:
         t, dd = self.cfg.train, self.dd
         record = {}
-        if self.step % t.log_interval == 0 or self.step == t.max_steps:
+        if self.step % t.log_interval == 0 or self.step == self.last_step():
             record = {"step": self.step, "lr": lr, "train_time_s": round(self.train_time, 3),
                       "progress": round(self.progress(), 5),
                       "grad_norm": norm if norm is not None and math.isfinite(norm) else None}
@@ -345,8 +365,8 @@ class Run:
 
     def loop(self) -> dict:
         t = self.cfg.train
-        bar = tqdm(total=100, disable=not self.dd.main, file=sys.stderr, mininterval=1.0,
-                   bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
+        bar = progress_bar(total=100, disable=not self.dd.main, mininterval=1.0,
+                           bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
         last = {}
         self.raw.train()
         profiler = StepProfiler(t.profile, self.out, self.device.type == "cuda", enabled=self.dd.main)
@@ -362,8 +382,7 @@ class Run:
                                                       if k in last), refresh=False)
                     if t.ckpt_interval and self.step % t.ckpt_interval == 0:
                         self.checkpoint()
-                    bar.n = round(100 * self.progress(), 1)
-                    bar.refresh()
+                    bar.update(round(100 * self.progress(), 1) - bar.n)  # redrawn at the bar's interval
             finally:
                 bar.close()
                 profiler.close()
@@ -386,6 +405,8 @@ class Run:
 
     def close(self) -> None:
         self.log.close()
+        if self.lock is not None:
+            self.lock.release()
         if self.batches is not None:
             self.batches.close()
         # Free DDP's reducer while the process group is still registered: destroying the group from the

@@ -16,10 +16,10 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 from model.kv_cache import KVCache
 from train.config import ConfigError
+from train.logger import progress_bar
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def generate(model, prompt: bytes, n_tokens: int, temperature: float = 1.0, top_
     cache = KVCache(model.cfg, 1, block, block, device) if use_cache else None
     start = 0  # the window: the model sees seq[start:]
     cached_from, fed = 0, 0  # the cache holds seq[cached_from:fed]
-    for _ in tqdm(range(n_tokens), desc="sampling", unit="B", disable=not progress, file=sys.stderr):
+    for _ in progress_bar(iterable=range(n_tokens), desc="sampling", unit="B", disable=not progress):
         if len(seq) - start >= block:
             start = len(seq) - keep
         if cache is None:
