@@ -64,6 +64,12 @@ class Heads(nn.Module):
         self.loss_fn = (functools.partial(multihead_cross_entropy, impl=cfg.loss_impl) if cfg.kernels == "triton"
                         else multihead_cross_entropy_ref)
 
+    def names(self, with_inter: bool) -> list[str]:
+        """Each head's name, in the order of the loss's per-head values: "L3/t+2" (layer 3's t+2 head), "final/t+1"."""
+        per_layer = len(self.inter_shifts) // self.n_inter_layers if self.n_inter_layers else 0
+        inter = [f"L{l + 1}/t+{k + 1}" for l in range(self.n_inter_layers) for k in range(per_layer)]
+        return (inter if with_inter else []) + [f"final/t+{k}" for k in range(1, self.n_targets + 1)]
+
     def intermediate_parameters(self) -> list[nn.Parameter]:
         """The parameters only the intermediate heads use (their classifiers and norms)."""
         return ([self.inter] if self.inter is not None else []) + list(self.inter_norms.parameters())

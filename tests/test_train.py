@@ -178,3 +178,23 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(small_corpus, tmp
     training = [line for line in bars if not line.startswith("eval")]
     assert len(training) == 2 and training[-1].startswith("100%"), bars  # the start and the end: no redraws
     assert len(bars) - len(training) <= 4, bars  # the two final evaluations: a line or two each
+
+
+def test_every_active_heads_loss_is_logged_and_plotted(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, tmp_path / "run", model__n_layer=3, model__intermediate_loss="true",
+                      model__n_targets=2, model__target_weights="1.0,0.5", model__intermediate_targets=2,
+                      train__max_steps=12, train__log_interval=1, train__final_eval="false")
+    train(Args(cfg, "tiny"))
+    lines = [r for r in read_metrics(tmp_path / "run") if "train_loss" in r and "event" not in r]
+    inter = {f"loss/L{l}/t+{k}" for l in (1, 2) for k in (1, 2)}
+    final = {"loss/final/t+1", "loss/final/t+2"}
+    # layer l's heads count while progress < l/6 (progress = steps done / 12): steps 1-2 (layers 1 and 2), 3-4
+    # (layer 2), then the final heads only
+    assert {k for k in lines[0] if k.startswith("loss/")} == inter | final
+    assert {k for k in lines[2] if k.startswith("loss/")} == {"loss/L2/t+1", "loss/L2/t+2"} | final
+    assert {k for k in lines[-1] if k.startswith("loss/")} == final
+    for r in lines:  # the t+1 head's loss is the train loss
+        assert abs(r["loss/final/t+1"] - r["train_loss"]) < 1e-5 * r["train_loss"]
+    r = run_cli(str(tmp_path / "run"), "--out", str(tmp_path / "curves.png"), module="train.plot")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

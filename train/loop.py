@@ -98,6 +98,7 @@ class Run:
         self.loss_sum, self.steps_since, self.time_since = torch.zeros((), device=self.device), 0, 0.0
         self.guard = NonFiniteFlag(self.device)
         self.hw, self.hw_values = None, ()  # the heads' weights on the device, and as last computed
+        self.head_sum, self.head_steps = torch.zeros(0, device=self.device), 0  # per-head losses since the last log
         self.agreed_time, self.stop_agreed = 0.0, False
         torch.manual_seed(t.seed + dd.rank)  # dropout streams differ across ranks
         if ckpt is not None:
@@ -131,6 +132,8 @@ class Run:
         acc = ckpt["log_acc"]
         self.loss_sum.fill_(acc["loss_sum"])
         self.steps_since, self.time_since = acc["steps"], acc["time"]
+        self.head_sum = torch.tensor(acc.get("head_sum", []), dtype=torch.float32, device=self.device)
+        self.head_steps = acc.get("head_steps", 0)
         self.data_gen.set_state(ckpt["rng"]["data"])
         if self.dd.main:  # other ranks keep their own dropout streams
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -151,7 +154,8 @@ class Run:
         save_checkpoint(self.out / "ckpt.pt", {
             "model": model_state, "optimizer": optim_state, "step": self.step, "train_time": self.train_time,
             "skipped": self.skipped, "rng": rng, "config": self.config, "world_size": self.dd.world,
-            "log_acc": {"loss_sum": float(self.loss_sum), "steps": self.steps_since, "time": self.time_since},
+            "log_acc": {"loss_sum": float(self.loss_sum), "steps": self.steps_since, "time": self.time_since,
+                        "head_sum": self.head_sum.tolist(), "head_steps": self.head_steps},
             **self.meta, **extra})
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -301,6 +305,7 @@ class Run:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         step_loss, main_loss = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        head_loss = torch.zeros(hw.numel(), device=self.device)
         with sampling(self.optimizer):
             for micro in range(t.grad_accum):
                 x, y = self.batches.next()
@@ -309,6 +314,7 @@ class Run:
                 (loss / t.grad_accum).backward()
                 step_loss += loss.detach() / t.grad_accum
                 main_loss += per_head[main_head] / t.grad_accum
+                head_loss += per_head.float() / t.grad_accum
             norm = self.grad_norm(want=sync)
         self.guard.update(now, step_loss, norm)
         skip = False
@@ -333,6 +339,10 @@ class Run:
             self.optimizer.step()
             self.loss_sum += main_loss
             self.steps_since += 1
+            if self.head_sum.numel() != head_loss.numel():  # the intermediate heads stopped: their sums end here
+                self.head_sum, self.head_steps = torch.zeros_like(head_loss), 0
+            self.head_sum += head_loss
+            self.head_steps += 1
         self.step = now
         self.time_since += clock - self.train_time
         self.train_time = clock
@@ -353,15 +363,25 @@ class Run:
                 if self.peak_flops:
                     flops = self.raw.flops_per_token(self.hw.numel()) * tokens_per_s  # tokens of all ranks
                     record["mfu"] = flops / (self.peak_flops * dd.world)
+            if self.head_steps and self.head_sum.numel() > 1:
+                record.update(self.head_losses())
             if self.skipped:
                 record["skipped_steps"] = self.skipped
             self.loss_sum.zero_()
             self.steps_since, self.time_since = 0, 0.0
+            self.head_sum, self.head_steps = torch.zeros_like(self.head_sum), 0
         if t.eval_interval and self.step % t.eval_interval == 0:
             record.update(step=self.step, val_bpc=self.running_val_bpc(), val_protocol=RUNNING_PROTOCOL)
         if t.full_eval_interval and self.step % t.full_eval_interval == 0:
             record.update(step=self.step, **self.full_eval("val"))
         return record
+
+    def head_losses(self) -> dict:
+        """Every active head's mean loss (nats, like train_loss) since the last log line, over all ranks:
+        {"loss/L3/t+1": ..., "loss/final/t+2": ...}; heads of weight 0 (stopped) are left out."""
+        values = self.dd.sum((self.head_sum / self.head_steps).tolist())
+        names = self.raw.heads.names(with_inter=len(values) > self.cfg.model.n_targets)
+        return {f"loss/{name}": v / self.dd.world for name, v, w in zip(names, values, self.hw_values) if w}
 
     def loop(self) -> dict:
         t = self.cfg.train

@@ -3,7 +3,9 @@
     python -m train.plot RUN_DIR [RUN_DIR ...] [--out curves.png]
 
 Four panels: train loss (t+1 head, in bits per byte) and validation bpc, each against optimiser steps and
-against training seconds, one colour per run. Reads each run's metrics.jsonl.
+against training seconds, one colour per run; for runs that log every head's loss (several heads), two more: the
+final heads (t+1, t+2, ...: one line style each) and the first such run's intermediate heads (one colour per
+layer), against steps. Reads each run's metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -25,7 +27,39 @@ def load_run(run_dir: Path) -> dict:
         pts = [(r["step"], r.get("train_time_s", float("nan")), r[key] * scale) for r in steps if key in r]
         ends = [(r["step"], r["train_time_s"], r[key]) for r in rows if r.get("event") == "end" and r.get(key)]
         series[key] = pts + (ends if key == "full_val_bpc" else [])
-    return {"name": Path(run_dir).name, "series": series}
+    heads = sorted({k for r in steps for k in r if k.startswith("loss/")})
+    head_series = {k[len("loss/"):]: [(r["step"], r[k] / math.log(2)) for r in steps if k in r] for k in heads}
+    return {"name": Path(run_dir).name, "series": series, "heads": head_series}
+
+
+def plot_heads(axes, runs: list[dict]) -> None:
+    """Final heads of every run; intermediate heads of the first run that has them."""
+    styles = ["-", "--", ":", "-."]
+    ax = axes[0]
+    for i, run in enumerate(runs):
+        for name, pts in run["heads"].items():
+            if name.startswith("final/"):
+                k = int(name.split("+")[1])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[(k - 1) % 4], color=f"C{i % 10}",
+                        lw=1.2, label=f"{run['name']} {name}")
+    ax.set(xlabel="step", ylabel="loss (bits/byte)", title="final heads")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    run = next((r for r in runs if any(n.startswith("L") for n in r["heads"])), None)
+    if run is not None:
+        layers = sorted({int(n[1:].split("/")[0]) for n in run["heads"] if n.startswith("L")})
+        for name, pts in run["heads"].items():
+            if name.startswith("L"):
+                layer, k = int(name[1:].split("/")[0]), int(name.split("+")[1])
+                shade = layers.index(layer) / max(1, len(layers) - 1)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[(k - 1) % 4], lw=1.0,
+                        color=(0.1 + 0.8 * shade, 0.3, 0.9 - 0.8 * shade),
+                        label=name if k == 1 or len(layers) < 4 else None)
+        ax.set_title(f"intermediate heads of {run['name']} (blue: layer 1 ... red: layer {layers[-1]})")
+        ax.legend(fontsize=6, ncol=2)
+    ax.set(xlabel="step", ylabel="loss (bits/byte)")
+    for a in axes:
+        a.grid(alpha=0.3)
 
 
 def plot(runs: list[dict], out: Path) -> None:
@@ -33,7 +67,8 @@ def plot(runs: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey="row")
+    with_heads = any(run["heads"] for run in runs)
+    fig, axes = plt.subplots(3 if with_heads else 2, 2, figsize=(12, 12 if with_heads else 8), sharey="row")
     panels = [("train_loss", "train loss (bits/byte)"), ("val_bpc", "validation bpc")]
     for row, (key, label) in enumerate(panels):
         for col, (x_index, x_label) in enumerate([(0, "step"), (1, "training time (s)")]):
@@ -53,6 +88,8 @@ def plot(runs: list[dict], out: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     axes[1][0].legend(fontsize=8)
+    if with_heads:
+        plot_heads(axes[2], runs)
     fig.suptitle("charlm: " + ", ".join(r["name"] for r in runs))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
