@@ -1,15 +1,19 @@
 """Corpus resolution, splits, identity and batches."""
 import hashlib
 import io
+import json
+import math
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from train import data as data_mod
 from train.config import ConfigError, DataConfig
 from train.data import SAMPLE_BYTES, BatchPrefetcher, load_corpus, random_batch, split_bounds
+from train.datastats import corpus_stats
 
 SAMPLE_SHA256 = "34c1c63050c87cc8477b9ae36b1cb0edf372612c92938b742e579a7109c20fa4"
 
@@ -129,3 +133,21 @@ def test_an_error_in_the_batch_thread_reaches_the_training_thread():
             batches.next()
     finally:
         batches.close()
+
+
+def test_dataset_statistics_of_a_known_file(tmp_path):
+    path = tmp_path / "pages.xml"
+    path.write_bytes(b"<page>xy</page>" * 100)  # 1,500 bytes: 100 pages of 15 bytes
+    stats = corpus_stats(load_corpus(DataConfig(source=str(path))))
+    whole = stats["whole"]
+    assert whole["bytes"] == 1500 and whole["distinct"] == 9
+    p = [2 / 15] * 6 + [1 / 15] * 3  # < p a g e > twice a page; x y / once
+    assert math.isclose(whole["order0_bpc"], -sum(q * math.log2(q) for q in p), rel_tol=1e-12)
+    assert whole["pages"] == 100 and whole["mean_bytes"] == whole["median_bytes"] == whole["p90_bytes"] == 15
+    assert all(0 < whole[f"{c}_bpc"] < 1 for c in ("zlib", "bz2", "lzma"))  # repetition compresses well
+    assert stats["train"]["bytes"] + stats["val"]["bytes"] + stats["test"]["bytes"] == 1500
+    r = run_cli("--stats", f"--data.source={path}", f"--out_dir={tmp_path / 'out'}", module="train.data")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["whole"]["distinct"] == 9
+    assert (tmp_path / "out" / "byte_histogram.png").stat().st_size > 5000
+    assert run_cli(module="train.data").returncode == 2  # nothing asked

@@ -233,3 +233,8 @@ class BatchPrefetcher:
     def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=5)
+
+
+if __name__ == "__main__":
+    from train.datastats import main
+    sys.exit(main())
