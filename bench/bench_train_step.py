@@ -19,10 +19,11 @@ import torch
 
 from bench.reference_gpt import ReferenceGPT
 from bench.timing import device_name, report, time_per_call
-from model import GPT, ModelConfig, head_weights
+from model import GPT, head_weights
+from model.gpt import training_flops_per_token
 from train.config import PRESETS, Args
 from train.guard import StopOnSignal
-from train.hardware import PEAK_BF16_FLOPS
+from train.hardware import peak_bf16_flops
 from train.loop import Run
 
 IMPLS = ["reference", "charlm-eager", "charlm-compiled", "charlm-compiled-triton", "run"]
@@ -37,10 +38,11 @@ def cases_here() -> list[tuple[str, str]]:
     return [("cpu", impl) for impl in IMPLS if not impl.endswith("triton")]
 
 
-def flops_per_token(cfg: ModelConfig, n_matmul_params: int) -> float:
-    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus causal attention's
-    12 * n_layer * d_model * block_size (PaLM's count, without halving for the causal mask)."""
-    return 6 * n_matmul_params + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
+def matmul_weights(model: torch.nn.Module) -> int:
+    """Weights of a model's matmuls (charlm's or the reference's): every matrix but the embedding and position
+    tables, which are lookups."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if p.dim() >= 2 and not any(k in n for k in ("tok_emb", "pos", "wte", "wpe")))
 
 
 def make_step(preset: str, impl: str, device: str):
@@ -49,8 +51,7 @@ def make_step(preset: str, impl: str, device: str):
     cfg = dataclasses.replace(run.model, dropout=0.0, kernels="triton" if impl.endswith("triton") else "torch")
     torch.manual_seed(0)
     model = (ReferenceGPT(cfg) if impl == "reference" else GPT(cfg)).to(device)
-    n_matmul = sum(p.numel() for n, p in model.named_parameters()
-                   if p.dim() >= 2 and not any(k in n for k in ("tok_emb", "pos", "wte", "wpe")))
+    n_matmul = matmul_weights(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fn = torch.compile(model) if "compiled" in impl else model
     batch = run.train.batch_size
@@ -82,10 +83,8 @@ def real_run(preset: str):
         cfg.out_dir = tmp
         run = Run(Args(cfg, preset))
         stop = StopOnSignal(verbose=False)  # never entered: no handlers installed
-        n_matmul = sum(p.numel() for n, p in run.raw.named_parameters()
-                       if p.dim() >= 2 and not any(k in n for k in ("tok_emb", "pos")))
         try:
-            yield (lambda: run.train_step(stop)), cfg.model, cfg.train.batch_size, n_matmul
+            yield (lambda: run.train_step(stop)), cfg.model, cfg.train.batch_size, matmul_weights(run.raw)
         finally:
             run.close()
 
@@ -99,13 +98,13 @@ def run_case(preset: str, impl: str, benchmark=None) -> dict:
         if benchmark is not None:
             benchmark.pedantic(step, rounds=3)
     tokens = batch * cfg.block_size
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name()), None)
+    peak = peak_bf16_flops(torch.device(device))
     result = {"name": f"train_step/{preset}/{impl}", "reference": f"train_step/{preset}/reference",
               "device": device_name(), "dtype": "bf16" if device == "cuda" else "fp32",
               "shape": f"{cfg.n_layer}L d{cfg.d_model} B{batch} T{cfg.block_size}", "seconds": seconds,
               "tokens_per_s": tokens / seconds}
     if peak:
-        result["mfu"] = flops_per_token(cfg, n_matmul) * tokens / seconds / peak
+        result["mfu"] = training_flops_per_token(cfg, n_matmul) * tokens / seconds / peak
     return result
 
 

@@ -37,12 +37,20 @@ def time_per_call(fn, inputs: list, calls: int = 50, rounds: int = 7, warmup: in
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
     torch.cuda.synchronize()
+
+    def calls_in_turn():
+        for i in range(calls):
+            fn(*inputs[i % len(inputs)])
+    return event_median(calls_in_turn, calls, rounds)
+
+
+def event_median(body, calls: int, rounds: int) -> float:
+    """Median over `rounds` runs of body() (which makes `calls` calls) between two CUDA events, per call."""
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(calls):
-            fn(*inputs[i % len(inputs)])
+        body()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / calls)
@@ -64,15 +72,7 @@ def time_graph(fn, inputs: list, calls: int = 50, rounds: int = 7, warmup: int =
             fn(*inputs[i % len(inputs)])
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return statistics.median(times)
+    return event_median(graph.replay, calls, rounds)
 
 
 def time_kernels(fn, inputs: list, calls: int = 50) -> tuple[float, str]:

@@ -221,8 +221,9 @@ def mhce_gemm_fwd(hidden, weight, targets, head_weights, source, bias, need_grad
     targets = targets.contiguous()
     n_mm, width = (S, group * V) if group else (H, V)  # batch and output width of the matmuls
     w_mm = weight.reshape(n_mm, width, D)
-    counts = (targets != IGNORE_INDEX).sum(1)
-    coef = head_weights.float() / counts.clamp_min(1)
+    n_valid = (targets != IGNORE_INDEX).sum(1).clamp_min(1)
+    coef = head_weights.float() / n_valid
+    gather = None if group else device_ints(source, dev)  # hidden row of each head, when not grouped
     chunk = LOGITS_BUDGET_BYTES // (H * V * hidden.element_size())
     chunk = max(1, min(N, chunk // 128 * 128 if chunk >= 128 else chunk))  # whole 128-row tiles for the matmuls
     buffer = torch.empty(n_mm * chunk * width, dtype=dtype, device=dev)
@@ -236,7 +237,7 @@ def mhce_gemm_fwd(hidden, weight, targets, head_weights, source, bias, need_grad
     for start in range(0, N, chunk):
         n = min(chunk, N - start)
         x = hidden[:, start:start + n]
-        x = x if group else x.index_select(0, device_ints(source, dev))
+        x = x if group else x.index_select(0, gather)
         logits = torch.bmm(x, w_mm.transpose(1, 2), out=buffer[:n_mm * n * width].view(n_mm, n, width))
         _ce_rows_kernel[(triton.cdiv(n, cfg["BLOCK_R"]), H)](
             logits, bias if bias is not None else logits, targets[:, start:], coef, nll[:, start:], n, V,
@@ -247,7 +248,7 @@ def mhce_gemm_fwd(hidden, weight, targets, head_weights, source, bias, need_grad
             continue
         dx_part = torch.bmm(logits, w_mm)  # logits now hold d(logits)
         if not group:
-            dx[:, start:start + n].index_add_(0, device_ints(source, dev), dx_part)
+            dx[:, start:start + n].index_add_(0, gather, dx_part)
         elif n == N:
             dx = dx_part
         else:
@@ -257,7 +258,7 @@ def mhce_gemm_fwd(hidden, weight, targets, head_weights, source, bias, need_grad
         if bias is not None:
             db_part = logits.sum(1, dtype=torch.float32)
             db = db_part if db is None else db.add_(db_part)
-    per_head = torch.where(head_weights != 0, nll.sum(1) / counts.clamp_min(1), 0.0)
+    per_head = torch.where(head_weights != 0, nll.sum(1) / n_valid, 0.0)
     loss = (head_weights.float() * per_head).sum()
     empty = lambda: torch.empty(0, dtype=dtype, device=dev)  # distinct placeholders: outputs must not alias
     dx = dx if dx is not None else empty()

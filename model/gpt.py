@@ -43,6 +43,12 @@ def head_weights(cfg: ModelConfig, progress: float) -> list[float]:
     return inter + final if any(inter) else final
 
 
+def training_flops_per_token(cfg: ModelConfig, matmul_weights: int) -> float:
+    """Training FLOPs per token of a model with `matmul_weights` weights in its matmuls: 6 per weight (forward 2,
+    backward 4) plus causal attention's 12 * n_layer * d_model * block_size (PaLM's count, the mask not halving it)."""
+    return 6 * matmul_weights + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
+
+
 class Heads(nn.Module):
     """Every classifier: intermediate heads (one norm per block but the last, read by that layer's t+1..t+k
     heads), the t+1 head and the extra t+k heads. Weights are kept stacked (H, V, D) so the loss of all heads is
@@ -66,9 +72,8 @@ class Heads(nn.Module):
 
     def names(self, with_inter: bool) -> list[str]:
         """Each head's name, in the order of the loss's per-head values: "L3/t+2" (layer 3's t+2 head), "final/t+1"."""
-        per_layer = len(self.inter_shifts) // self.n_inter_layers if self.n_inter_layers else 0
-        inter = [f"L{l + 1}/t+{k + 1}" for l in range(self.n_inter_layers) for k in range(per_layer)]
-        return (inter if with_inter else []) + [f"final/t+{k}" for k in range(1, self.n_targets + 1)]
+        inter = [f"L{layer + 1}/t+{k}" for layer, k in zip(self.source_all, self.inter_shifts)] if with_inter else []
+        return inter + [f"final/t+{k}" for k in range(1, self.n_targets + 1)]
 
     def intermediate_parameters(self) -> list[nn.Parameter]:
         """The parameters only the intermediate heads use (their classifiers and norms)."""
@@ -135,8 +140,7 @@ class GPT(nn.Module):
         attention's 12 * n_layer * d_model * block_size (PaLM's count, the mask not halving it)."""
         cfg = self.cfg
         blocks = sum(p.numel() for n, p in self.blocks.named_parameters() if p.dim() >= 2 and ".pos." not in n)
-        heads = n_heads * cfg.vocab_size * cfg.d_model
-        return 6 * (blocks + heads) + 12 * cfg.n_layer * cfg.d_model * cfg.block_size
+        return training_flops_per_token(cfg, blocks + n_heads * cfg.vocab_size * cfg.d_model)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 head_weights: torch.Tensor | None = None, cache: KVCache | None = None):

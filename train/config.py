@@ -46,7 +46,7 @@ class TrainConfig:
     max_tokens: int = 0  # training budget in tokens (batch_size x grad_accum x block_size a step); 0 = no token limit
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast to bfloat16 (CUDA only)
     compile: bool = False  # torch.compile the model
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     seed: int = 1337  # seeds parameters, data sampling and dropout
     log_interval: int = 10  # steps between metrics lines
@@ -92,8 +92,9 @@ class Config:
         for name in ("lr", "batch_size", "grad_accum", "log_interval", "eval_batches"):
             if getattr(t, name) <= 0:
                 out.append(f"train.{name} must be > 0 (got {getattr(t, name)})")
-        for name in ("max_steps", "max_time", "max_tokens", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
-                     "full_eval_interval", "ckpt_interval", "ivon_ess", "eval_stride", "eval_batch_size", "profile"):
+        for name in ("max_steps", "max_time", "max_tokens", "warmup_steps", "weight_decay", "grad_clip",
+                     "eval_interval", "full_eval_interval", "ckpt_interval", "ivon_ess", "eval_stride",
+                     "eval_batch_size", "profile"):
             if getattr(t, name) < 0:
                 out.append(f"train.{name} must be >= 0 (got {getattr(t, name)})")
         if t.eval_stride > self.model.block_size:

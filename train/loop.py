@@ -192,10 +192,13 @@ class Run:
         at the same step."""
         return self.train_time if self.dd.world == 1 else self.agreed_time
 
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.grad_accum * self.cfg.model.block_size
+
     def tokens(self) -> int:
         """Tokens trained on so far (all ranks; skipped steps count: their batches were drawn)."""
-        t = self.cfg.train
-        return self.step * t.batch_size * t.grad_accum * self.cfg.model.block_size
+        return self.step * self.tokens_per_step()
 
     def progress(self) -> float:
         """The fraction of the budget spent: the largest of steps, time and tokens, each over its limit."""
@@ -207,8 +210,7 @@ class Run:
     def last_step(self) -> int | None:
         """The step a step or token budget ends at (logged like a log step), or None under a time budget alone."""
         t = self.cfg.train
-        per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
-        ends = [t.max_steps] * bool(t.max_steps) + [-(-t.max_tokens // per_step)] * bool(t.max_tokens)
+        ends = [t.max_steps] * bool(t.max_steps) + [-(-t.max_tokens // self.tokens_per_step())] * bool(t.max_tokens)
         return min(ends) if ends else None
 
     def done(self) -> bool:
@@ -261,13 +263,13 @@ class Run:
         """Clip to train.grad_clip and return the global norm (a device tensor); without clipping the norm is
         computed only when `want` (a logged step)."""
         t = self.cfg.train
+        if not (t.grad_clip or want):
+            return None
         params = [p for p in self.raw.parameters() if p.grad is not None]
         if t.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        elif want:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         else:
-            return None
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def check_guard(self) -> None:
@@ -304,8 +306,8 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss, main_loss = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        head_loss = torch.zeros(hw.numel(), device=self.device)
+        step_loss = torch.zeros((), device=self.device)
+        head_loss = torch.zeros(hw.numel(), device=self.device)  # per head; the t+1 head's is the train loss
         with sampling(self.optimizer):
             for micro in range(t.grad_accum):
                 x, y = self.batches.next()
@@ -313,7 +315,6 @@ class Run:
                     loss, per_head = self.model(x, y, hw)
                 (loss / t.grad_accum).backward()
                 step_loss += loss.detach() / t.grad_accum
-                main_loss += per_head[main_head] / t.grad_accum
                 head_loss += per_head.float() / t.grad_accum
             norm = self.grad_norm(want=sync)
         self.guard.update(now, step_loss, norm)
@@ -337,7 +338,7 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
-            self.loss_sum += main_loss
+            self.loss_sum += head_loss[main_head]
             self.steps_since += 1
             if self.head_sum.numel() != head_loss.numel():  # the intermediate heads stopped: their sums end here
                 self.head_sum, self.head_steps = torch.zeros_like(head_loss), 0
@@ -357,8 +358,7 @@ class Run:
                       "grad_norm": norm if norm is not None and math.isfinite(norm) else None}
             if self.steps_since:  # 0 when every step since the last line was skipped
                 total, tsum = dd.sum([float(self.loss_sum), self.time_since])
-                tokens = t.batch_size * t.grad_accum * self.cfg.model.block_size * self.steps_since
-                tokens_per_s = tokens / max(tsum / dd.world, 1e-9)
+                tokens_per_s = self.tokens_per_step() * self.steps_since / max(tsum / dd.world, 1e-9)
                 record.update(train_loss=total / (self.steps_since * dd.world), tokens_per_s=tokens_per_s)
                 if self.peak_flops:
                     flops = self.raw.flops_per_token(self.hw.numel()) * tokens_per_s  # tokens of all ranks
