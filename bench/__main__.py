@@ -21,7 +21,7 @@ import time
 from bench import bench_eval, bench_layernorm, bench_mhce, bench_rmsnorm, bench_swiglu, bench_train_step
 from bench.compare import compare, device_class, failed, load_baseline, median_ratios, ratios, save_baseline
 from bench.compare import verdict_table
-from bench.timing import device_name
+from train.hardware import device_name
 
 SUITES = {"train_step": bench_train_step.suite, "eval": bench_eval.suite, "mhce": bench_mhce.suite,
           "layernorm": bench_layernorm.suite, "rmsnorm": bench_rmsnorm.suite, "swiglu": bench_swiglu.suite}

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from bench.timing import device_name, report
+from bench.timing import report
 from model import GPT
 from train.config import PRESETS
 from train.evaluate import evaluate_bytes, evaluate_cached
+from train.hardware import device_name
 
 # protocol -> (stride or None for cached, bytes scored on a CPU, on a GPU)
 PROTOCOLS = {"strided-1": (1, 1_000, 20_000), "strided-block": (0, 50_000, 5_000_000),

@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.timing import device_name, needs_cuda, report, time_kernels
+from bench.timing import needs_cuda, report, time_kernels
 from kernels import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
+from train.hardware import device_name
 
 D, V = 512, 256
 CPU_SIZES = [1024, 4096]  # positions, at H = 13

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from bench.reference_gpt import ReferenceGPT
-from bench.timing import device_name, report, time_per_call
+from bench.timing import report, time_per_call
 from model import GPT, head_weights
 from model.gpt import training_flops_per_token
 from train.config import PRESETS, Args
 from train.guard import StopOnSignal
-from train.hardware import peak_bf16_flops
+from train.hardware import device_name, peak_bf16_flops
 from train.loop import Run
 
 IMPLS = ["reference", "charlm-eager", "charlm-compiled", "charlm-compiled-triton", "run"]

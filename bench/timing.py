@@ -6,7 +6,6 @@ CPU: wall-clock medians."""
 from __future__ import annotations
 
 import functools
-import platform
 import statistics
 import time
 
@@ -99,18 +98,6 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 @functools.cache
 def bandwidth() -> float:
     return copy_bandwidth()
-
-
-def device_name() -> str:
-    """The GPU's name, or 'cpu <model>' (CPU models differ in their ratios, so each may keep its own baseline)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"cpu {model or platform.processor()}".strip()
 
 
 def report(info: dict) -> None:

@@ -32,6 +32,7 @@ KNOBS = [
     {"train__optimizer": "adam"},
     {"train__optimizer": "sgd", "train__lr": "0.05", "train__momentum": "0.9"},
     {"train__optimizer": "ivon", "train__lr": "0.3"},
+    {"train__optimizer": "muon"},
     {"train__schedule": "constant"},
     {"train__grad_accum": "2", "train__batch_size": "2"},
     {"train__grad_clip": "0"},

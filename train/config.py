@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    optimizer: Literal["adamw", "adam", "sgd", "ivon"] = "adamw"  # adam: L2 decay; sgd: momentum; ivon: ivon-opt
+    optimizer: Literal["adamw", "adam", "sgd", "ivon", "muon"] = "adamw"  # adam: L2 decay; muon: Muon + AdamW
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine decay over the run, or constant
@@ -36,6 +36,8 @@ class TrainConfig:
     beta1: float = 0.9  # Adam/IVON first-moment decay
     beta2: float = 0.99  # Adam second-moment decay
     momentum: float = 0.99  # sgd momentum (Al-Rfou et al.: 0.99)
+    muon_lr: float = 0.02  # muon: peak lr of the blocks' weight matrices (the rest: AdamW at train.lr)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the orthogonalised updates
     ivon_ess: float = 0.0  # ivon effective sample size; 0 = bytes in the training split
     ivon_hess_init: float = 1e-2  # ivon initial Hessian estimate (ivon wants a large lr, e.g. 0.2-0.5)
     batch_size: int = 16  # sequences per micro-step, global (split evenly across ranks)
@@ -89,7 +91,7 @@ class Config:
     def errors(self) -> list[str]:
         t = self.train
         out = list(self.model.errors())
-        for name in ("lr", "batch_size", "grad_accum", "log_interval", "eval_batches"):
+        for name in ("lr", "muon_lr", "batch_size", "grad_accum", "log_interval", "eval_batches"):
             if getattr(t, name) <= 0:
                 out.append(f"train.{name} must be > 0 (got {getattr(t, name)})")
         for name in ("max_steps", "max_time", "max_tokens", "warmup_steps", "weight_decay", "grad_clip",
@@ -107,6 +109,8 @@ class Config:
             out.append("train.precision=bf16 needs a CUDA device; CPU runs train in fp32")
         if t.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             out.append("train.fsdp=true needs torchrun with 2 or more ranks")
+        if t.optimizer == "muon" and t.fsdp:
+            out.append("train.optimizer=muon needs whole weight matrices: it does not work with train.fsdp")
         if t.optimizer == "ivon" and (t.fsdp or t.skip_nonfinite):
             out.append("train.optimizer=ivon works with neither train.fsdp nor train.skip_nonfinite")
         if t.device == "cuda" and not torch.cuda.is_available():

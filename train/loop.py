@@ -304,7 +304,7 @@ class Run:
         main_head = hw.numel() - m.n_targets
         lr = lr_at(t, self.step, self.progress())
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices: train.muon_lr / train.lr
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=self.device)
         head_loss = torch.zeros(hw.numel(), device=self.device)  # per head; the t+1 head's is the train loss

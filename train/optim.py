@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import torch
 
 from train.config import ConfigError, TrainConfig
+from train.muon import Muon, muon_groups
 
 
 def decays(name: str, p: torch.Tensor) -> bool:
@@ -31,6 +32,9 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig, train_bytes: int) ->
         return torch.optim.Adam(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    if t.optimizer == "muon":
+        return Muon(muon_groups(model, t.weight_decay, t.muon_lr / t.lr, decays), lr=t.lr, betas=(t.beta1, t.beta2),
+                    momentum=t.muon_momentum)
     try:
         import ivon
     except ImportError:
