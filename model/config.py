@@ -35,6 +35,7 @@ class ModelConfig:
     intermediate_loss: bool = False  # a head after each block but the last; layer l stops at l/(2n)
     intermediate_weight: float = 1.0  # loss weight of each active intermediate head
     intermediate_targets: int = 1  # each intermediate layer predicts t+1..t+k (t+k weighted by target_weights)
+    mem_len: int = 0  # Transformer-XL memory: earlier positions each layer also attends to (0 = off; needs rope)
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
     attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash: flash-attn, else sdpa (warned once)
     kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU, multi-head loss
@@ -81,6 +82,11 @@ class ModelConfig:
                        f"model.n_targets={self.n_targets}")
         if any(w < 0 for w in self.target_weights) or self.intermediate_weight < 0:
             out.append("loss weights must be >= 0")
+        if self.mem_len < 0:
+            out.append(f"model.mem_len must be >= 0 (got {self.mem_len})")
+        elif self.mem_len and self.absolute_positions:
+            out.append(f"model.mem_len={self.mem_len} needs relative positions: model.pos_emb={self.pos_emb} has a "
+                       f"table of absolute positions that cannot index a memory; use model.pos_emb=rope")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

@@ -19,6 +19,7 @@ from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.layers import Block, LearnedPositions, NoPositions, make_norm
+from model.memory import SegmentMemory
 
 
 def shifted_targets(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -143,14 +144,18 @@ class GPT(nn.Module):
         return training_flops_per_token(cfg, blocks + n_heads * cfg.vocab_size * cfg.d_model)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                head_weights: torch.Tensor | None = None, cache: KVCache | None = None):
+                head_weights: torch.Tensor | None = None, cache: KVCache | None = None,
+                memory: SegmentMemory | None = None):
         """idx (B, T) bytes. Without targets: the t+1 logits (B, T, V).
         With next-byte targets (B, T): (loss, per_head). `head_weights` (from `head_weights()`) selects the heads:
         n_inter_heads + n_targets values score every head, n_targets values only the final ones; None scores the
         t+1 head alone (evaluation).
-        With a KV cache (logits only): idx continues the cached positions, attending over the cache's window."""
+        With a KV cache (logits only): idx continues the cached positions, attending over the cache's window.
+        With a memory (model/memory.py): idx is the next segment of the memory's streams; the memory moves on."""
         T = idx.shape[1]
         positions = None
+        if cache is not None and memory is not None:
+            raise ValueError("pass a KV cache or a segment memory, not both")
         if cache is not None:
             cache.make_room(T)
             positions = cache.positions(T)
@@ -160,12 +165,14 @@ class GPT(nn.Module):
         x = self.drop(self.pos_emb(self.tok_emb(idx), positions))
         inter_h = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, positions)
+            x = block(x, cache, positions, memory)
             if with_inter and i < self.heads.n_inter_layers:
                 inter_h.append(x)
         h = self.norm_f(x)
         if cache is not None:
             cache.advance(T)
+        if memory is not None:
+            memory.advance(T)
         if targets is None:
             return self.heads.main_logits(h)
         if head_weights is None:

@@ -6,12 +6,14 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels
 from kernels.reference import rmsnorm_ref, swiglu_packed_ref
 from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
+from model.memory import SegmentMemory
 
 # model.kernels -> swiglu of a packed gate+up: the fused Triton op or its plain-PyTorch reference
 SWIGLU = {"torch": swiglu_packed_ref, "triton": kernels.swiglu_packed}
@@ -121,11 +123,23 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, block_size: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(2 * block_size, dtype=torch.float64), inv_freq)
-        # full-width tables: out = x * cos + swap_halves(x) * sin, i.e. (x1 cos - x2 sin, x2 cos + x1 sin)
-        self.register_buffer("cos", angles.cos().repeat(1, 2).float(), persistent=False)
-        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=1).float(), persistent=False)
+        self.head_dim, self.base = head_dim, base
+        cos, sin = self.tables(2 * block_size)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def tables(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-width tables of n positions: out = x * cos + swap_halves(x) * sin, i.e.
+        (x1 cos - x2 sin, x2 cos + x1 sin)."""
+        inv_freq = 1.0 / self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        angles = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq)
+        cos, sin = angles.cos().repeat(1, 2).float(), torch.cat([-angles.sin(), angles.sin()], dim=1).float()
+        return cos.to(device), sin.to(device)
+
+    def cover(self, n: int) -> None:
+        """Tables of at least n positions: a memory may be longer than the training context (evaluation)."""
+        if n > self.cos.shape[0]:
+            self.cos, self.sin = self.tables(n, self.cos.device)
 
     def forward(self, x, positions: torch.Tensor | None = None):
         """x (B, H, T, hd); positions (T,) or None for 0..T-1. Computed in fp32, returned in x's dtype."""
@@ -151,8 +165,10 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.attend = resolve_attention(cfg.attention)
 
-    def forward(self, x, cache: KVCache | None = None):
+    def forward(self, x, cache: KVCache | None = None, memory: SegmentMemory | None = None):
         B, T, C = x.shape
+        if memory is not None:
+            return self.forward_with_memory(x, memory)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is None:
             q_pos = k_pos = mask = None
@@ -161,6 +177,23 @@ class CausalSelfAttention(nn.Module):
             q_pos = k_pos[-T:]
         if self.rotary is not None:
             q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
+        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward_with_memory(self, x, memory: SegmentMemory):
+        """Queries from the segment, keys and values from [memory; segment] through the same projections."""
+        B, T, C = x.shape
+        ctx, mask = memory.context(self.layer, x)
+        M = ctx.shape[1] - T
+        bias = self.qkv.bias
+        q = F.linear(x, self.qkv.weight[:C], None if bias is None else bias[:C])
+        kv = F.linear(ctx, self.qkv.weight[C:], None if bias is None else bias[C:])
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k, v = kv.view(B, M + T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            self.rotary.cover(M + T)
+            k_pos = torch.arange(M + T, device=x.device)
+            q, k = self.rotary(q, k_pos[M:]), self.rotary(k, k_pos)
         y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -197,9 +230,10 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg, cfg.d_model), make_mlp(cfg)
         self.branch = make_branch(cfg)  # dropout and residual scale
 
-    def forward(self, x, cache: KVCache | None = None, positions: torch.Tensor | None = None):
+    def forward(self, x, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                memory: SegmentMemory | None = None):
         x = self.pos(x, positions)
-        x = x + self.branch(self.attn(self.norm1(x), cache))
+        x = x + self.branch(self.attn(self.norm1(x), cache, memory))
         return x + self.branch(self.mlp(self.norm2(x)))
 
     def residual_projections(self) -> list[nn.Linear]:
