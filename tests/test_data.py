@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 from train import data as data_mod
 from train.config import ConfigError, DataConfig
-from train.data import SAMPLE_BYTES, BatchPrefetcher, load_corpus, random_batch, split_bounds
+from train.data import SAMPLE_BYTES, BatchPrefetcher, RandomWindows, load_corpus, random_batch, split_bounds
 from train.datastats import corpus_stats
 
 SAMPLE_SHA256 = "34c1c63050c87cc8477b9ae36b1cb0edf372612c92938b742e579a7109c20fa4"
@@ -111,15 +111,17 @@ def test_prefetched_batches_are_the_generators_stream_and_its_state_resumes_it()
     split = np.arange(5000, dtype=np.uint8)
     plain = torch.Generator().manual_seed(3)
     want = [random_batch(split, 6, 17, plain, (1, 2)) for _ in range(7)]
-    batches = BatchPrefetcher(split, 6, 17, torch.Generator().manual_seed(3), (1, 2), torch.device("cpu"), depth=3)
+    batches = BatchPrefetcher(RandomWindows(split, 6, 17, torch.Generator().manual_seed(3), (1, 2)),
+                              torch.device("cpu"), depth=3)
     try:
-        got = [batches.next() for _ in range(4)]
+        got = [batches.next()[:2] for _ in range(4)]
         state = batches.state  # after 4 batches handed over, whatever was drawn ahead
     finally:
         batches.close()
-    resumed = BatchPrefetcher(split, 6, 17, torch.Generator().set_state(state), (1, 2), torch.device("cpu"))
+    resumed = BatchPrefetcher(RandomWindows(split, 6, 17, torch.Generator().set_state(state), (1, 2)),
+                              torch.device("cpu"))
     try:
-        got += [resumed.next() for _ in range(3)]
+        got += [resumed.next()[:2] for _ in range(3)]
     finally:
         resumed.close()
     for (x, y), (wx, wy) in zip(got, want, strict=True):
@@ -127,7 +129,8 @@ def test_prefetched_batches_are_the_generators_stream_and_its_state_resumes_it()
 
 
 def test_an_error_in_the_batch_thread_reaches_the_training_thread():
-    batches = BatchPrefetcher(np.arange(10, dtype=np.uint8), 2, 64, torch.Generator(), (0, 1), torch.device("cpu"))
+    batches = BatchPrefetcher(RandomWindows(np.arange(10, dtype=np.uint8), 2, 64, torch.Generator(), (0, 1)),
+                              torch.device("cpu"))
     try:
         with pytest.raises(RuntimeError):  # windows of 64 bytes from a 10-byte split: randint's range is empty
             batches.next()

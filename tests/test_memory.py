@@ -134,3 +134,90 @@ def test_memory_needs_relative_positions():
     with pytest.raises(ValueError, match="absolute positions"):
         SegmentMemory(small(pos_emb="learned"), 1, "cpu")
     assert parse_args(["--preset=tiny", "--model.mem_len=32", "--model.pos_emb=rope"]).cfg.model.mem_len == 32
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_streams_cover_the_split_once_per_pass_without_overlap_and_resume_exactly():
+    import numpy as np
+    from train.data import Streams
+    split = np.arange(1000, dtype=np.int64)  # each byte is its own position
+    streams = Streams(split, 4, 16, torch.Generator().manual_seed(0), (0, 1))
+    assert streams.per_pass == (250 - 1) // 16 == 15
+    passes = []
+    for _ in range(3):
+        draws = [streams.draw() for _ in range(15)]
+        assert [restart for _, _, restart in draws] == [True] + [False] * 14
+        x = torch.stack([d[0] for d in draws], 1)  # (rows, segments, T)
+        assert torch.equal(torch.stack([d[1] for d in draws], 1), (x + 1) % 1000)
+        flat = x.flatten(1)  # each row reads one contiguous stretch (wrapping at the end)
+        assert torch.equal(flat, (flat[:, :1] + torch.arange(flat.shape[1])) % 1000)
+        assert torch.equal(flat[1:, 0], (flat[:-1, 0] + 250) % 1000)  # rows 250 bytes apart: no overlap
+        passes.append(int(x[0, 0, 0]))
+    assert len(set(passes)) == 3  # a new random offset every pass
+    half = Streams(split, 4, 16, torch.Generator().manual_seed(0), (1, 2)).draw()[0]
+    assert torch.equal(half, Streams(split, 4, 16, torch.Generator().manual_seed(0), (0, 1)).draw()[0][2:])
+    for cut in (0, 7, 15, 16):  # before anything, mid-pass, at a pass's end, just into the next
+        whole = Streams(split, 4, 16, torch.Generator().manual_seed(1), (0, 1))
+        want = [whole.draw() for _ in range(cut + 20)][cut:]
+        first = Streams(split, 4, 16, torch.Generator().manual_seed(1), (0, 1))
+        for _ in range(cut):
+            first.draw()
+        resumed = Streams(split, 4, 16, torch.Generator().manual_seed(99), (0, 1))
+        resumed.restore(first.state())
+        for (x, y, r), (wx, wy, wr) in zip([resumed.draw() for _ in range(20)], want):
+            assert torch.equal(x, wx) and torch.equal(y, wy) and r == wr
+
+
+def test_training_with_memory_resumes_mid_stream_bit_for_bit(small_corpus, tmp_path):
+    """A 60-step run against the same run stopped at step 45 and resumed: a pass of the streams ends at step 42,
+    so the resumed run continues a second pass with the memory the checkpoint holds."""
+    from conftest import read_metrics, tiny_config
+    from train.config import Args
+    from train.loop import train
+    corpus = tmp_path / "short.txt"
+    corpus.write_bytes(small_corpus.read_bytes()[:6000])  # 5,400 training bytes: 4 streams of 1,350, 42 segments
+    common = dict(model__mem_len="32", model__pos_emb="rope", model__dropout="0.1", train__schedule="constant",
+                  train__warmup_steps="0", train__log_interval="3", train__ckpt_interval="45",
+                  train__eval_interval="0", train__final_eval="false")
+    train(Args(tiny_config(corpus, tmp_path / "whole", train__max_steps="60", **common), "tiny"))
+    train(Args(tiny_config(corpus, tmp_path / "cut", train__max_steps="45", **common), "tiny"))
+    resumed = tiny_config(corpus, tmp_path / "cut", train__max_steps="60", **common)
+    train(Args(resumed, "tiny", resume=True, overrides={"train.max_steps": "60"}))
+
+    def losses(run):
+        return [(r["step"], r["train_loss"]) for r in read_metrics(run) if "train_loss" in r and "event" not in r]
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 20
+
+
+def test_activation_checkpointing_is_refused_with_memory():
+    with pytest.raises(ConfigError, match="activation_checkpointing does not work with model.mem_len"):
+        parse_args(["--preset=tiny", "--model.mem_len=8", "--model.pos_emb=rope",
+                    "--train.activation_checkpointing=true"])
+
+
+@pytest.mark.parametrize("mem_len", [16, 40])
+def test_memory_evaluation_scores_every_byte_as_the_masked_stream_does(mem_len):
+    import math
+
+    import numpy as np
+    import torch.nn.functional as F
+    from train.evaluate import evaluate_memory
+    cfg = small()
+    model = model_for(cfg)
+    data = np.random.default_rng(0).integers(0, 256, 150, dtype=np.uint8)
+    got = evaluate_memory(model, data, 0, 150, mem_len, streams=1, progress=False)
+    stream = torch.from_numpy(data.astype(np.int64))[None]
+    with torch.no_grad():
+        logits = masked_forward(model, stream[:, :-1], memory_mask(149, cfg.block_size, mem_len))
+    nll = F.cross_entropy(logits[0], stream[0, 1:], reduction="sum").item()
+    assert got["bytes"] == 149 and got["protocol"] == f"memory, mem_len {mem_len}, segment 16, 1 streams"
+    assert got["bpc"] == pytest.approx(nll / 149 / math.log(2), rel=1e-5)
+    two = evaluate_memory(model, data, 0, 150, mem_len, streams=2, progress=False)  # the second warms up first
+    assert two["bytes"] == 149 and abs(two["bpc"] - got["bpc"]) < 0.1
+
+
+def test_memory_evaluation_refuses_absolute_positions():
+    import numpy as np
+    from train.evaluate import evaluate_memory
+    with pytest.raises(ConfigError, match="--mode memory needs relative positions"):
+        evaluate_memory(model_for(small(pos_emb="learned", mem_len=0)), np.zeros(100, np.uint8), 0, 100, 16)

@@ -109,6 +109,9 @@ class Config:
             out.append("train.precision=bf16 needs a CUDA device; CPU runs train in fp32")
         if t.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             out.append("train.fsdp=true needs torchrun with 2 or more ranks")
+        if self.model.mem_len and t.activation_checkpointing:
+            out.append("train.activation_checkpointing does not work with model.mem_len (the memory moves on in the "
+                       "forward pass, which a recomputation would repeat)")
         if t.optimizer == "muon" and t.fsdp:
             out.append("train.optimizer=muon needs whole weight matrices: it does not work with train.fsdp")
         if t.optimizer == "ivon" and (t.fsdp or t.skip_nonfinite):

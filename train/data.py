@@ -5,7 +5,8 @@
   `sample` with a loud warning: its numbers are not comparable to published enwik8 results.
 - sample: English Wikipedia XML shipped as test data inside the PyPI package gensim (the `dev` extra), unpacked once
   into `<data_dir>`. Split 90% / 5% / 5% by bytes, like any other file.
-Training draws random windows; evaluation walks deterministic windows (`train.evaluate`).
+Training draws random windows (contiguous streams for a model with memory); evaluation walks deterministic
+windows (`train.evaluate`).
 """
 from __future__ import annotations
 
@@ -187,30 +188,92 @@ def random_batch(split: np.ndarray, batch_size: int, block_size: int, generator:
     return t[:, :-1], t[:, 1:]
 
 
-class BatchPrefetcher:
-    """Training batches drawn in a background thread, `depth` ahead of the step that uses them, into pinned memory
-    on CUDA (so the copy to the device is asynchronous), handed over in order. The stream of batches is the one
-    `random_batch` draws from the generator on the calling thread; `state` is the generator's state after the last
-    batch handed over, which is what a checkpoint must save for an exact resume (the batches drawn ahead are drawn
-    again after it)."""
+class RandomWindows:
+    """The training batches of the plain model: `random_batch` from a generator; its state is the generator's."""
 
     def __init__(self, split: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
-                 shard: tuple[int, int], device: torch.device, depth: int = 2):
-        self.state = generator.get_state()
-        self.device = device
-        self._args = (split, batch_size, block_size, generator, shard)
+                 shard: tuple[int, int]):
+        self.args, self.generator = (split, batch_size, block_size, generator, shard), generator
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(x, y, the streams restart here): random windows never continue one another."""
+        return (*random_batch(*self.args), False)
+
+    def state(self):
+        return self.generator.get_state()
+
+    def restore(self, state) -> None:
+        self.generator.set_state(state)
+
+
+class Streams:
+    """Contiguous streams for a model with memory. Each pass over the split starts at a random offset o (drawn from
+    the generator); global row i reads the stretch of L = len(split) // batch_size bytes from o + i * L (wrapping
+    at the split's end), one segment of block_size bytes (plus the next byte as target) per draw. The rows of a
+    pass cover the split once without overlap; a pass ends when a stretch has no whole segment left, and the
+    next draw starts a new pass, flagged so that the memory is reset. Ranks keep their shard of rows."""
+
+    def __init__(self, split: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+                 shard: tuple[int, int]):
+        self.split, self.block, self.generator = split, block_size, generator
+        self.stretch = len(split) // batch_size
+        self.per_pass = (self.stretch - 1) // block_size  # segments per pass
+        if self.per_pass < 1:
+            raise ConfigError(f"a training split of {len(split)} bytes gives {batch_size} streams of "
+                              f"{self.stretch} bytes, shorter than one segment of model.block_size={block_size} + 1")
+        rank, world = shard
+        per = batch_size // world
+        self.rows = torch.arange(rank * per, (rank + 1) * per)
+        self.pass_state, self.offset, self.drawn = None, 0, self.per_pass  # no pass begun yet
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        restart = self.drawn == self.per_pass
+        if restart:
+            self.pass_state = self.generator.get_state()
+            self.offset = int(torch.randint(0, len(self.split), (1,), generator=self.generator))
+            self.drawn = 0
+        starts = self.offset + self.rows * self.stretch + self.drawn * self.block
+        index = (starts[:, None] + torch.arange(self.block + 1)) % len(self.split)
+        rows = torch.from_numpy(self.split[index.numpy()].astype(np.int64))
+        self.drawn += 1
+        return rows[:, :-1], rows[:, 1:], restart
+
+    def state(self) -> dict:
+        """The generator's state when this pass began (before any pass: the generator's) and how many segments
+        of the pass were drawn."""
+        return {"pass": self.pass_state, "drawn": self.drawn,
+                "generator": self.generator.get_state() if self.pass_state is None else None}
+
+    def restore(self, state: dict) -> None:
+        if state["pass"] is None:
+            self.generator.set_state(state["generator"])
+            return
+        self.generator.set_state(state["pass"])  # then the pass's offset is drawn again, as it was
+        self.offset = int(torch.randint(0, len(self.split), (1,), generator=self.generator))
+        self.pass_state, self.drawn = state["pass"], state["drawn"]
+
+
+class BatchPrefetcher:
+    """Training batches drawn from a sampler (RandomWindows or Streams) in a background thread, `depth` ahead of
+    the step that uses them, into pinned memory on CUDA (so the copy to the device is asynchronous), handed over in
+    order. `state` is the sampler's state after the last batch handed over, which is what a checkpoint must save
+    for an exact resume (the batches drawn ahead are drawn again after it)."""
+
+    def __init__(self, sampler: RandomWindows | Streams, device: torch.device, depth: int = 2):
+        self.state = sampler.state()
+        self.device, self.sampler = device, sampler
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._work, name="charlm-batches", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        generator, pin = self._args[3], self.device.type == "cuda"
+        pin = self.device.type == "cuda"
         try:
             while not self._closed.is_set():
-                x, y = random_batch(*self._args)
+                x, y, restart = self.sampler.draw()
                 item = (x.pin_memory(), y.pin_memory()) if pin else (x, y)
-                self._put((*item, generator.get_state()))
+                self._put((*item, restart, self.sampler.state()))
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, raised there
             self._put(e)
 
@@ -222,13 +285,13 @@ class BatchPrefetcher:
             except queue.Full:
                 continue
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch (x, y) on the device."""
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The next batch (x, y) on the device, and whether the streams restart with it."""
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        x, y, self.state = item
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y, restart, self.state = item
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), restart
 
     def close(self) -> None:
         self._closed.set()

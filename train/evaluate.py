@@ -1,8 +1,8 @@
 """Evaluation of a checkpoint: bits per byte over every byte of a split.
 
     python -m train.evaluate --ckpt runs/a/ckpt.pt [--data.source=...] [--split val|test|all|file] [--file PATH]
-                             [--max_bytes N] [--mode strided|cached|dynamic] [--stride N] [--batch_size N]
-                             [--streams N] [--chunk N] [--dyn_lr X] [--dyn_decay X] [--dyn_segment N]
+                             [--max_bytes N] [--mode strided|cached|dynamic|memory] [--stride N] [--batch_size N]
+                             [--streams N] [--chunk N] [--mem_len N] [--dyn_lr X] [--dyn_decay X] [--dyn_segment N]
                              [--device auto|cpu|cuda]
 
 Protocol `strided`: the split's bytes [a, b) are cut into chunks of `stride` targets. Chunk [c0, c1) is scored by
@@ -14,8 +14,9 @@ block_size / 4 (`default_stride`). Context may reach into the bytes that precede
 the file, which has no context, is never a target. Every bpc is reported with its protocol's name.
 
 Protocol `cached` (see evaluate_cached): streaming with a rolling KV cache; a different function, reported under
-its own name. Protocol `dynamic` (train/dynamic.py): the strided protocol with stride = segment, the model
-learning from each segment after scoring it. The last line of stdout is JSON.
+its own name. Protocol `memory` (evaluate_memory): segments with a Transformer-XL memory. Protocol `dynamic`
+(train/dynamic.py): the strided protocol with stride = segment, the model learning from each segment after scoring
+it. The last line of stdout is JSON.
 """
 from __future__ import annotations
 
@@ -156,6 +157,56 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
             "protocol": f"cached, window {block}, {streams} streams, chunk {chunk}"}
 
 
+@torch.no_grad()
+def evaluate_memory(model, data: np.ndarray, a: int, b: int, mem_len: int, streams: int = 16, segment: int = 0,
+                    device: str = "cpu", autocast=nullcontext, progress: bool = True) -> dict:
+    """Protocol `memory`: the targets [a, b) cut into `streams` contiguous parts run side by side, each read
+    segment after segment (`segment` bytes, default block_size) with a Transformer-XL memory of `mem_len`
+    positions per layer (model/memory.py), which may exceed the training memory. Each part first reads the (up to)
+    mem_len bytes before it, unscored, to fill its memory. Needs relative positions (RoPE)."""
+    from model.memory import SegmentMemory
+    cfg = model.cfg
+    if cfg.absolute_positions:
+        raise ConfigError(f"--mode memory needs relative positions (model.pos_emb=rope); this model uses "
+                          f"pos_emb={cfg.pos_emb}: use --mode strided")
+    if mem_len < 1:
+        raise ConfigError("--mode memory needs a memory: --mem_len N (the model was trained without one)")
+    segment = min(segment or cfg.block_size, cfg.block_size)
+    first = max(a, 1)
+    streams = max(1, min(streams, b - first))
+    per = -(-(b - first) // streams)
+    warm = min(mem_len, first - 1)
+    width = warm + per
+    inputs, targets = np.zeros((streams, width), dtype=np.int64), np.zeros((streams, width), dtype=np.int64)
+    scored = np.zeros((streams, width), dtype=bool)
+    for j in range(streams):
+        t0, t1 = first + j * per, min(first + (j + 1) * per, b)
+        if t0 >= t1:
+            continue
+        lo = t0 - 1 - warm
+        inputs[j, : t1 - 1 - lo] = data[lo: t1 - 1]
+        targets[j, : t1 - 1 - lo] = data[lo + 1: t1]
+        scored[j, warm: warm + t1 - t0] = True
+    inputs, targets, scored = (torch.from_numpy(t).to(device) for t in (inputs, targets, scored))
+    was_training = model.training
+    model.eval()
+    memory = SegmentMemory(cfg, streams, device, mem_len=mem_len)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    bar = progress_bar(total=width, desc="memory eval", unit="pos", disable=not progress, leave=False)
+    for c0 in range(0, width, segment):
+        with autocast():
+            logits = model(inputs[:, c0:c0 + segment], memory=memory)
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets[:, c0:c0 + segment], reduction="none")
+        nll += (losses.double() * scored[:, c0:c0 + segment]).sum()
+        bar.update(logits.shape[1])
+    bar.close()
+    model.train(was_training)
+    count = int(scored.sum())
+    return {"bpc": float(nll) / max(count, 1) / math.log(2), "bytes": count, "nll_nats": float(nll),
+            "streams": streams, "segment": segment, "mem_len": mem_len,
+            "protocol": f"memory, mem_len {mem_len}, segment {segment}, {streams} streams"}
+
+
 def whole_file(path: str):
     """A corpus whose one split, `file`, is every byte of the file at path (byte 0, without context, excepted)."""
     from train.data import Corpus, sha256_file
@@ -180,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=["val", "test", "all", "file"],
                    help="all = val and test; file = every byte of --file (byte 0 excepted)")
     p.add_argument("--file", help="--split file: a file of held-out text, read as raw bytes")
-    p.add_argument("--mode", default="strided", choices=["strided", "cached", "dynamic"],
+    p.add_argument("--mode", default="strided", choices=["strided", "cached", "dynamic", "memory"],
                    help="strided: exact windows (the reference); cached: KV-cache streaming (RoPE models); "
-                        "dynamic: learns from each segment after scoring it (train/dynamic.py)")
+                        "dynamic: learns from each segment after scoring it (train/dynamic.py); memory: "
+                        "segments with a Transformer-XL memory (RoPE models)")
+    p.add_argument("--mem_len", type=int, default=0,
+                   help="memory: positions of memory per layer (default: the model's model.mem_len)")
     p.add_argument("--stride", type=int, default=0,
                    help="strided: bytes scored per window (default: block_size / 4, within ~0.001 bpc of stride 1)")
     p.add_argument("--streams", type=int, default=16, help="cached: parts of the split run side by side")
@@ -207,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         corpus = load_corpus(data_cfg) if args.file is None else whole_file(args.file)
         stride = args.stride or default_stride(block)
         segment = args.dyn_segment or default_stride(block)
-        if args.max_bytes < 0 or args.batch_size < 1 or args.streams < 1 or args.chunk < 0:
-            raise ConfigError("--max_bytes and --chunk must be >= 0, --batch_size and --streams >= 1")
+        if args.max_bytes < 0 or args.batch_size < 1 or args.streams < 1 or args.chunk < 0 or args.mem_len < 0:
+            raise ConfigError("--max_bytes, --chunk and --mem_len must be >= 0, --batch_size and --streams >= 1")
         splits = {"all": ["val", "test"], "file": ["file"]}.get(args.split, [args.split])
         autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if (
             device == "cuda" and cfg.train.precision == "bf16") else nullcontext
@@ -228,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.mode == "dynamic":
                 results[name] = evaluate_dynamic(model, corpus.data, a, b, segment, args.dyn_lr, args.dyn_decay, rms,
                                                  device, autocast)
+            elif args.mode == "memory":
+                results[name] = evaluate_memory(model, corpus.data, a, b, args.mem_len or cfg.model.mem_len,
+                                                args.streams, args.chunk, device, autocast)
             elif args.mode == "cached":
                 results[name] = evaluate_cached(model, corpus.data, a, b, args.streams, args.chunk, device, autocast,
                                                 cache_dtype=torch.bfloat16 if autocast is not nullcontext else None)
@@ -245,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         protocol = {"protocol": "strided", "stride": stride}
     elif args.mode == "cached":
         protocol = {"protocol": "cached", "window": block, "streams": first["streams"], "chunk": first["chunk"]}
+    elif args.mode == "memory":
+        protocol = {"protocol": "memory", "mem_len": first["mem_len"], "segment": first["segment"],
+                    "streams": first["streams"]}
     else:
         protocol = {"protocol": "dynamic", "segment": segment, "lr": args.dyn_lr, "decay": args.dyn_decay,
                     "stat_batches": args.dyn_stat_batches}

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, head_weights
+from model import GPT, SegmentMemory, head_weights
 from train.checkpoint import check_same_architecture, git_sha, load_checkpoint, save_checkpoint
 from train.config import Args, ConfigError, from_dict, set_value, to_dict, uses_cuda
-from train.data import BatchPrefetcher, load_corpus, random_batch
+from train.data import BatchPrefetcher, RandomWindows, Streams, load_corpus, random_batch
 from train.distributed import (Distributed, checkpoint_activations, full_state, load_full_state, no_grad_sync, shard,
                                uses_ddp, wrap)
 from train.evaluate import default_stride, evaluate_bytes
@@ -92,8 +92,11 @@ class Run:
         shard(self.raw, t)
         self.model = wrap(self.raw, t, dd)
         self.optimizer = build_optimizer(self.raw, t, len(self.corpus.split("train")))
-        self.data_gen = torch.Generator().manual_seed(t.seed)
-        self.batches: BatchPrefetcher | None = None  # started by the first step (after a resume has set data_gen)
+        sampler = Streams if m.mem_len else RandomWindows  # with memory: contiguous streams, memory carried along
+        self.sampler = sampler(self.corpus.split("train"), t.batch_size, m.block_size,
+                               torch.Generator().manual_seed(t.seed), (dd.rank, dd.world))
+        self.memory = SegmentMemory(m, t.batch_size // dd.world, self.device) if m.mem_len else None
+        self.batches: BatchPrefetcher | None = None  # started by the first step (after a resume has set the sampler)
         self.step, self.train_time, self.skipped = 0, 0.0, 0
         self.loss_sum, self.steps_since, self.time_since = torch.zeros((), device=self.device), 0, 0.0
         self.guard = NonFiniteFlag(self.device)
@@ -134,7 +137,9 @@ class Run:
         self.steps_since, self.time_since = acc["steps"], acc["time"]
         self.head_sum = torch.tensor(acc.get("head_sum", []), dtype=torch.float32, device=self.device)
         self.head_steps = acc.get("head_steps", 0)
-        self.data_gen.set_state(ckpt["rng"]["data"])
+        self.sampler.restore(ckpt["rng"]["data"])
+        if self.memory is not None and ckpt.get("memory") is not None:
+            self.memory.load_state_dict(ckpt["memory"])
         if self.dd.main:  # other ranks keep their own dropout streams
             torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in ckpt["rng"]:
@@ -148,12 +153,13 @@ class Run:
         if not self.dd.main:
             return
         rng = {"torch": torch.get_rng_state(),
-               "data": self.batches.state if self.batches is not None else self.data_gen.get_state()}
+               "data": self.batches.state if self.batches is not None else self.sampler.state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         save_checkpoint(self.out / "ckpt.pt", {
             "model": model_state, "optimizer": optim_state, "step": self.step, "train_time": self.train_time,
             "skipped": self.skipped, "rng": rng, "config": self.config, "world_size": self.dd.world,
+            "memory": self.memory.state_dict() if self.memory is not None and self.dd.world == 1 else None,
             "log_acc": {"loss_sum": float(self.loss_sum), "steps": self.steps_since, "time": self.time_since,
                         "head_sum": self.head_sum.tolist(), "head_steps": self.head_steps},
             **self.meta, **extra})
@@ -296,8 +302,7 @@ class Run:
         t, m, dd = self.cfg.train, self.cfg.model, self.dd
         t0 = time.perf_counter()
         if self.batches is None:
-            self.batches = BatchPrefetcher(self.corpus.split("train"), t.batch_size, m.block_size, self.data_gen,
-                                           (dd.rank, dd.world), self.device)
+            self.batches = BatchPrefetcher(self.sampler, self.device)
         now = self.step + 1
         sync = self.sync_due(now)
         hw = self.head_weights()
@@ -310,9 +315,11 @@ class Run:
         head_loss = torch.zeros(hw.numel(), device=self.device)  # per head; the t+1 head's is the train loss
         with sampling(self.optimizer):
             for micro in range(t.grad_accum):
-                x, y = self.batches.next()
+                x, y, restart = self.batches.next()
+                if restart and self.memory is not None:
+                    self.memory.reset()
                 with no_grad_sync(self.model, self.raw, t, dd, micro == t.grad_accum - 1), self.autocast():
-                    loss, per_head = self.model(x, y, hw)
+                    loss, per_head = self.model(x, y, hw, memory=self.memory)
                 (loss / t.grad_accum).backward()
                 step_loss += loss.detach() / t.grad_accum
                 head_loss += per_head.float() / t.grad_accum
