@@ -173,7 +173,7 @@ class StudyRunner:
             for s, h in handlers.items():
                 signal.signal(s, h)
         rows = build_report(self.out)
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "interrupted", "pending")}
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "unfinished", "pending")}
         print(f"study {self.study.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
               f" of {len(rows)} runs; results: {self.out / 'results.md'}", flush=True)
         return 128 + self.stop_signal if self.stop_signal is not None else 0

@@ -25,7 +25,7 @@ def tokens_per_step(config: dict) -> int:
 
 
 def run_row(out: Path, run: dict) -> dict:
-    """One run's row: status (done | failed | interrupted | pending) and, when done, what it measured."""
+    """One run's row: status (done | failed | unfinished | pending) and, when done, what it measured."""
     folder = out / run["name"]
     row = {"run": run["name"], "factor": run["factor"], "value": run["value"], "seed": run["seed"],
            "train_seed": int(run["overrides"]["train.seed"]), "status": "pending"}
@@ -39,7 +39,7 @@ def run_row(out: Path, run: dict) -> dict:
     steps = [r for r in lines if "event" not in r]
     end = next((r for r in reversed(lines) if r.get("event") == "end"), None)
     if end is None:
-        return row | {"status": "interrupted", "steps": steps[-1]["step"] if steps else 0}
+        return row | {"status": "unfinished", "steps": steps[-1]["step"] if steps else 0}  # running or stopped
     row |= {"status": "done", "params": end["n_params"], "steps": end["step"],
             "tokens": end["step"] * tokens_per_step(config), "tokens_per_s": end.get("tokens_per_s"),
             "train_time_s": end["train_time_s"], "git_sha": lines[0].get("git_sha"),
@@ -49,16 +49,18 @@ def run_row(out: Path, run: dict) -> dict:
     return row
 
 
-def curve(out: Path, run_name: str) -> list[tuple[int, float]]:
-    """(tokens, running val bpc) of one run, plus its final whole-split value."""
+def curve(out: Path, run_name: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """One run's (tokens, running val bpc) points and its (tokens, whole-split val bpc) at the end (a different
+    protocol, so drawn apart)."""
     path = out / run_name / "metrics.jsonl"
     if not path.exists():
-        return []
+        return [], []
     lines = read_jsonl(path)
     per_step = tokens_per_step(lines[0]["config"])
-    pts = [(r["step"] * per_step, r["val_bpc"]) for r in lines if "event" not in r and "val_bpc" in r]
-    pts += [(r["step"] * per_step, r["full_val_bpc"]) for r in lines if r.get("event") == "end" and "full_val_bpc" in r]
-    return pts
+    running = [(r["step"] * per_step, r["val_bpc"]) for r in lines if "event" not in r and "val_bpc" in r]
+    final = [(r["step"] * per_step, r["full_val_bpc"]) for r in lines
+             if r.get("event") == "end" and "full_val_bpc" in r]
+    return running, final
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -111,7 +113,7 @@ def fmt(value: float | None, sd: float | None = None, digits: int = 4) -> str:
 
 def markdown(plan: dict, rows: list[dict], tables: dict[str, list[dict]]) -> str:
     study = plan["study"]
-    count = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "interrupted", "pending")}
+    count = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "unfinished", "pending")}
     done = [r for r in rows if r["status"] == "done"]
     protocol = next((r["full_val_protocol"] for r in done), "-")
     base = tables[next(iter(tables))][0] if tables else {}
@@ -182,10 +184,8 @@ def plot(out: Path, plan: dict, tables: dict[str, list[dict]]) -> None:
     import matplotlib.pyplot as plt
 
     factors = list(tables)
-    cols = min(4, len(factors))
-    rows = math.ceil(len(factors) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, factor in zip(axes.flat, factors):
+    fig, axes = panels(plt, len(factors))
+    for ax, factor in zip(axes, factors):
         entries = [e for e in tables[factor] if not e["base"]]
         base = tables[factor][0]
         xs = range(len(entries))
@@ -203,32 +203,41 @@ def plot(out: Path, plan: dict, tables: dict[str, list[dict]]) -> None:
         ax.set_title(f"{factor} (base {base['value']})", fontsize=9)
         ax.set_ylabel("Δ val bpc vs base", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(factors):]:
-        ax.axis("off")
-    fig.suptitle(f"{plan['study']['name']}: validation bpc minus the base's (lower is better; grey: noise band)")
-    fig.tight_layout()
-    fig.savefig(out / "deltas.png", dpi=100)
-    plt.close(fig)
+    save(plt, fig, out / "deltas.png",
+         f"{plan['study']['name']}: validation bpc minus the base's (lower is better; grey: noise band)")
 
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, factor in zip(axes.flat, factors):
+    fig, axes = panels(plt, len(factors))
+    for ax, factor in zip(axes, factors):
         for i, e in enumerate(tables[factor]):
             color = "k" if e["base"] else f"C{i % 10}"
             for j, name in enumerate(next(lv for lv in plan["tables"][factor] if lv["value"] == e["value"])["runs"]):
-                pts = curve(out, name)
-                if pts:
-                    ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], color=color, lw=1.0, alpha=0.8,
-                            label=e["value"] + (" (base)" if e["base"] else "") if j == 0 else None)
+                running, final = curve(out, name)
+                ax.plot([p[0] / 1e6 for p in running], [p[1] for p in running], color=color, lw=1.0, alpha=0.8,
+                        label=e["value"] + (" (base)" if e["base"] else "") if j == 0 else None)
+                ax.plot([p[0] / 1e6 for p in final], [p[1] for p in final], "o", color=color, mfc="none", ms=4)
         ax.set_title(factor, fontsize=9)
         ax.set_xlabel("tokens (M)", fontsize=8)
         ax.set_ylabel("val bpc", fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(factors):]:
+    save(plt, fig, out / "curves.png", f"{plan['study']['name']}: running validation bpc during training, every "
+                                       f"seed (circles: whole split at the end)")
+
+
+def panels(plt, n: int):
+    """A figure with one panel per factor (4 a row); the unused panels of the last row blanked."""
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"{plan['study']['name']}: validation bpc during training, every seed")
+    return fig, list(axes.flat)[:n]
+
+
+def save(plt, fig, path: Path, title: str) -> None:
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.kv_cache import KVCache
+from model.memory import SegmentMemory
 from train.config import ConfigError, DataConfig
 from train.logger import progress_bar
 
@@ -106,6 +107,46 @@ def evaluate_bytes(model, data: np.ndarray, a: int, b: int, block_size: int, str
             "protocol": strided_protocol(stride, block_size)}
 
 
+def stream_layout(data: np.ndarray, a: int, b: int, streams: int, warm_max: int, device):
+    """The targets [a, b) cut into `streams` contiguous parts side by side, each first reading the (up to)
+    warm_max bytes before it, unscored: (inputs, targets, scored) as (streams, width) device tensors, streams."""
+    first = max(a, 1)
+    streams = max(1, min(streams, b - first))
+    per = -(-(b - first) // streams)
+    warm = min(warm_max, first - 1)
+    width = warm + per
+    inputs, targets = np.zeros((streams, width), dtype=np.int64), np.zeros((streams, width), dtype=np.int64)
+    scored = np.zeros((streams, width), dtype=bool)
+    for j in range(streams):
+        t0, t1 = first + j * per, min(first + (j + 1) * per, b)  # this stream's targets
+        if t0 >= t1:
+            continue
+        lo = t0 - 1 - warm  # first input byte
+        inputs[j, : t1 - 1 - lo] = data[lo: t1 - 1]
+        targets[j, : t1 - 1 - lo] = data[lo + 1: t1]
+        scored[j, warm: warm + t1 - t0] = True
+    return (*(torch.from_numpy(t).to(device) for t in (inputs, targets, scored)), streams)
+
+
+def score_streams(model, inputs, targets, scored, chunk: int, autocast, progress: bool, desc: str, **state) -> dict:
+    """bpc, bytes and summed NLL of the scored positions, `chunk` positions per forward pass, the model carrying
+    `state` (a KV cache or a memory) from pass to pass."""
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    bar = progress_bar(total=inputs.shape[1], desc=desc, unit="pos", disable=not progress, leave=False)
+    for c0 in range(0, inputs.shape[1], chunk):
+        with autocast():
+            logits = model(inputs[:, c0:c0 + chunk], **state)
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets[:, c0:c0 + chunk], reduction="none")
+        nll += (losses.double() * scored[:, c0:c0 + chunk]).sum()
+        bar.update(logits.shape[1])
+    bar.close()
+    model.train(was_training)
+    count = int(scored.sum())
+    return {"bpc": float(nll) / max(count, 1) / math.log(2), "bytes": count, "nll_nats": float(nll)}
+
+
 @torch.no_grad()
 def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, chunk: int = 0, device: str = "cpu",
                     autocast=nullcontext, progress: bool = True, cache_dtype: torch.dtype | None = None) -> dict:
@@ -120,41 +161,11 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
                           f"pos_emb={cfg.pos_emb}, whose absolute positions end at block_size: use --mode strided")
     block = cfg.block_size
     chunk = min(chunk or block, block)
-    first = max(a, 1)
-    n_targets = b - first
-    streams = max(1, min(streams, n_targets))
-    per = -(-n_targets // streams)
-    warm = min(block - 1, first - 1)
-    width = warm + per
-    inputs = np.zeros((streams, width), dtype=np.int64)
-    targets = np.zeros((streams, width), dtype=np.int64)
-    scored = np.zeros((streams, width), dtype=bool)
-    for j in range(streams):
-        t0, t1 = first + j * per, min(first + (j + 1) * per, b)  # this stream's targets
-        if t0 >= t1:
-            continue
-        lo = t0 - 1 - warm  # first input byte
-        inputs[j, : t1 - 1 - lo] = data[lo: t1 - 1]
-        targets[j, : t1 - 1 - lo] = data[lo + 1: t1]
-        scored[j, warm: warm + t1 - t0] = True
-    inputs, targets, scored = (torch.from_numpy(t).to(device) for t in (inputs, targets, scored))
-    was_training = model.training
-    model.eval()
+    inputs, targets, scored, streams = stream_layout(data, a, b, streams, block - 1, device)
     cache = KVCache(cfg, streams, block, chunk, device, dtype=cache_dtype or next(model.parameters()).dtype)
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    bar = progress_bar(total=width, desc="cached eval", unit="pos", disable=not progress, leave=False)
-    for c0 in range(0, width, chunk):
-        with autocast():
-            logits = model(inputs[:, c0:c0 + chunk], cache=cache)
-        losses = F.cross_entropy(logits.float().transpose(1, 2), targets[:, c0:c0 + chunk], reduction="none")
-        nll += (losses.double() * scored[:, c0:c0 + chunk]).sum()
-        bar.update(logits.shape[1])
-    bar.close()
-    model.train(was_training)
-    count = int(scored.sum())
-    return {"bpc": float(nll) / max(count, 1) / math.log(2), "bytes": count, "nll_nats": float(nll),
-            "streams": streams, "chunk": chunk,
-            "protocol": f"cached, window {block}, {streams} streams, chunk {chunk}"}
+    result = score_streams(model, inputs, targets, scored, chunk, autocast, progress, "cached eval", cache=cache)
+    return result | {"streams": streams, "chunk": chunk,
+                     "protocol": f"cached, window {block}, {streams} streams, chunk {chunk}"}
 
 
 @torch.no_grad()
@@ -164,7 +175,6 @@ def evaluate_memory(model, data: np.ndarray, a: int, b: int, mem_len: int, strea
     segment after segment (`segment` bytes, default block_size) with a Transformer-XL memory of `mem_len`
     positions per layer (model/memory.py), which may exceed the training memory. Each part first reads the (up to)
     mem_len bytes before it, unscored, to fill its memory. Needs relative positions (RoPE)."""
-    from model.memory import SegmentMemory
     cfg = model.cfg
     if cfg.absolute_positions:
         raise ConfigError(f"--mode memory needs relative positions (model.pos_emb=rope); this model uses "
@@ -172,39 +182,11 @@ def evaluate_memory(model, data: np.ndarray, a: int, b: int, mem_len: int, strea
     if mem_len < 1:
         raise ConfigError("--mode memory needs a memory: --mem_len N (the model was trained without one)")
     segment = min(segment or cfg.block_size, cfg.block_size)
-    first = max(a, 1)
-    streams = max(1, min(streams, b - first))
-    per = -(-(b - first) // streams)
-    warm = min(mem_len, first - 1)
-    width = warm + per
-    inputs, targets = np.zeros((streams, width), dtype=np.int64), np.zeros((streams, width), dtype=np.int64)
-    scored = np.zeros((streams, width), dtype=bool)
-    for j in range(streams):
-        t0, t1 = first + j * per, min(first + (j + 1) * per, b)
-        if t0 >= t1:
-            continue
-        lo = t0 - 1 - warm
-        inputs[j, : t1 - 1 - lo] = data[lo: t1 - 1]
-        targets[j, : t1 - 1 - lo] = data[lo + 1: t1]
-        scored[j, warm: warm + t1 - t0] = True
-    inputs, targets, scored = (torch.from_numpy(t).to(device) for t in (inputs, targets, scored))
-    was_training = model.training
-    model.eval()
+    inputs, targets, scored, streams = stream_layout(data, a, b, streams, mem_len, device)
     memory = SegmentMemory(cfg, streams, device, mem_len=mem_len)
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    bar = progress_bar(total=width, desc="memory eval", unit="pos", disable=not progress, leave=False)
-    for c0 in range(0, width, segment):
-        with autocast():
-            logits = model(inputs[:, c0:c0 + segment], memory=memory)
-        losses = F.cross_entropy(logits.float().transpose(1, 2), targets[:, c0:c0 + segment], reduction="none")
-        nll += (losses.double() * scored[:, c0:c0 + segment]).sum()
-        bar.update(logits.shape[1])
-    bar.close()
-    model.train(was_training)
-    count = int(scored.sum())
-    return {"bpc": float(nll) / max(count, 1) / math.log(2), "bytes": count, "nll_nats": float(nll),
-            "streams": streams, "segment": segment, "mem_len": mem_len,
-            "protocol": f"memory, mem_len {mem_len}, segment {segment}, {streams} streams"}
+    result = score_streams(model, inputs, targets, scored, segment, autocast, progress, "memory eval", memory=memory)
+    return result | {"streams": streams, "segment": segment, "mem_len": mem_len,
+                     "protocol": f"memory, mem_len {mem_len}, segment {segment}, {streams} streams"}
 
 
 def whole_file(path: str):
