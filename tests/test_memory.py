@@ -221,3 +221,23 @@ def test_memory_evaluation_refuses_absolute_positions():
     from train.evaluate import evaluate_memory
     with pytest.raises(ConfigError, match="--mode memory needs relative positions"):
         evaluate_memory(model_for(small(pos_emb="learned", mem_len=0)), np.zeros(100, np.uint8), 0, 100, 16)
+
+
+def test_sampling_uses_the_memory_as_its_cache():
+    """Greedy bytes from the memory sampler equal the argmax of one forward over the whole text in which every
+    position sees the last mem_len + block_size - 1 positions."""
+    from train.sample import generate
+    cfg = small(mem_len=8)
+    model = model_for(cfg)
+    prompt = bytes(range(65, 65 + 30))
+    out = generate(model, prompt, 12, temperature=0)
+    window = cfg.mem_len + cfg.block_size  # itself and the mem_len + block_size - 1 before it
+    seq = list(prompt)
+    for _ in range(12):
+        idx = torch.tensor([seq])
+        L = idx.shape[1]
+        pos = torch.arange(L)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        with torch.no_grad():
+            seq.append(int(masked_forward(model, idx, mask)[0, -1].argmax()))
+    assert out == bytes(seq[len(prompt):])

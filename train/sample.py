@@ -8,6 +8,10 @@ from a window start s to the current position; once that window holds block_size
 last block_size // 2 bytes are kept. With the cache (the default) a byte costs one incremental pass and a window
 move one pass over the kept bytes; without it every byte recomputes its whole window. Invalid UTF-8 is shown
 with replacement characters; the bytes themselves are kept exact.
+
+A model trained with a Transformer-XL memory (model.mem_len > 0) samples with the memory as its cache: every byte,
+prompt bytes included, is one pass that sees the last mem_len + block_size - 1 bytes (a sliding window that the
+memory carries), the longest context a training query had.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import time
 import torch
 
 from model.kv_cache import KVCache
+from model.memory import SegmentMemory
 from train.config import ConfigError
 from train.logger import progress_bar
 
@@ -30,6 +35,8 @@ def generate(model, prompt: bytes, n_tokens: int, temperature: float = 1.0, top_
     block = model.cfg.block_size
     keep = max(1, block // 2)
     seq = list(prompt) or [ord("\n")]
+    if use_cache and model.cfg.mem_len:
+        return generate_with_memory(model, seq, n_tokens, temperature, top_k, generator, progress)
     cache = KVCache(model.cfg, 1, block, block, device) if use_cache else None
     start = 0  # the window: the model sees seq[start:]
     cached_from, fed = 0, 0  # the cache holds seq[cached_from:fed]
@@ -44,16 +51,32 @@ def generate(model, prompt: bytes, n_tokens: int, temperature: float = 1.0, top_
                 cached_from = fed = start
             logits = model(torch.tensor([seq[fed:]], device=device), cache=cache)[0, -1]
             fed = len(seq)
-        logits = logits.float()
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
-        seq.append(nxt)
+        seq.append(pick(logits, temperature, top_k, generator))
+    return bytes(seq[-n_tokens:]) if n_tokens else b""
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> int:
+    """The next byte from the t+1 logits (V,): greedy at temperature 0, else sampled (among the top k)."""
+    logits = logits.float()
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
+
+
+def generate_with_memory(model, seq: list[int], n_tokens: int, temperature: float, top_k: int,
+                         generator: torch.Generator | None, progress: bool) -> bytes:
+    """One pass per byte through a memory of mem_len + block_size - 1 positions."""
+    device = next(model.parameters()).device
+    memory = SegmentMemory(model.cfg, 1, device, mem_len=model.cfg.mem_len + model.cfg.block_size - 1)
+    for byte in seq[:-1]:
+        model(torch.tensor([[byte]], device=device), memory=memory)
+    for _ in progress_bar(iterable=range(n_tokens), desc="sampling", unit="B", disable=not progress):
+        logits = model(torch.tensor([[seq[-1]]], device=device), memory=memory)[0, -1]
+        seq.append(pick(logits, temperature, top_k, generator))
     return bytes(seq[-n_tokens:]) if n_tokens else b""
 
 
@@ -86,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     dt = time.time() - t0
     sys.stdout.write((prompt + out).decode("utf-8", errors="replace") + "\n")
     print(f"[{args.tokens} bytes in {dt:.2f} s: {args.tokens / max(dt, 1e-9):.1f} bytes/s, "
-          f"{'no cache' if args.no_cache else 'KV cache'}]", file=sys.stderr)
+          f"{'no cache' if args.no_cache else 'memory' if model.cfg.mem_len else 'KV cache'}]", file=sys.stderr)
     return 0
 
 
