@@ -36,6 +36,9 @@ class ModelConfig:
     intermediate_weight: float = 1.0  # loss weight of each active intermediate head
     intermediate_targets: int = 1  # each intermediate layer predicts t+1..t+k (t+k weighted by target_weights)
     mem_len: int = 0  # Transformer-XL memory: earlier positions each layer also attends to (0 = off; needs rope)
+    cmem_len: int = 0  # compressive memory: slots of compressed evicted memories per layer (0 = off; needs mem_len)
+    cmem_ratio: int = 4  # compression rate: this many evicted memories -> one slot (1-D conv, kernel = stride)
+    cmem_weight: float = 1.0  # weight of the compressor's attention-reconstruction loss (Rae et al. 2019)
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
     attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash: flash-attn, else sdpa (warned once)
     kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU, multi-head loss
@@ -87,6 +90,13 @@ class ModelConfig:
         elif self.mem_len and self.absolute_positions:
             out.append(f"model.mem_len={self.mem_len} needs relative positions: model.pos_emb={self.pos_emb} has a "
                        f"table of absolute positions that cannot index a memory; use model.pos_emb=rope")
+        if self.cmem_len < 0 or self.cmem_ratio < 1 or self.cmem_weight < 0:
+            out.append("model.cmem_len and model.cmem_weight must be >= 0, model.cmem_ratio >= 1")
+        elif self.cmem_len and not self.mem_len:
+            out.append(f"model.cmem_len={self.cmem_len} compresses what leaves a memory: set model.mem_len too")
+        elif self.cmem_len and (self.block_size % self.cmem_ratio or self.mem_len % self.cmem_ratio):
+            out.append(f"model.cmem_ratio={self.cmem_ratio} must divide model.block_size={self.block_size} and "
+                       f"model.mem_len={self.mem_len}")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

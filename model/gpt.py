@@ -179,4 +179,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(self.heads.main_logits(h).float().flatten(0, 1), targets.flatten(),
                                    ignore_index=IGNORE_INDEX)
             return loss, loss.detach()[None]
-        return self.heads.loss(inter_h, h, targets, head_weights)
+        loss, per_head = self.heads.loss(inter_h, h, targets, head_weights)
+        if memory is not None:  # the compressive memory's reconstruction loss (zero for a plain memory)
+            loss = loss + memory.take_loss()
+        return loss, per_head

@@ -2,6 +2,7 @@
 config field through a table, so the network in `gpt.py` never branches on knob values."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,7 +14,7 @@ from kernels.reference import rmsnorm_ref, swiglu_packed_ref
 from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.memory import SegmentMemory
+from model.memory import Compressor, SegmentMemory, detached_attention
 
 # model.kernels -> swiglu of a packed gate+up: the fused Triton op or its plain-PyTorch reference
 SWIGLU = {"torch": swiglu_packed_ref, "triton": kernels.swiglu_packed}
@@ -164,6 +165,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.head_dim, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.attend = resolve_attention(cfg.attention)
+        self.compressor = Compressor(cfg.d_model, cfg.cmem_ratio) if cfg.cmem_len else None
 
     def forward(self, x, cache: KVCache | None = None, memory: SegmentMemory | None = None):
         B, T, C = x.shape
@@ -183,18 +185,19 @@ class CausalSelfAttention(nn.Module):
     def forward_with_memory(self, x, memory: SegmentMemory):
         """Queries from the segment, keys and values from [memory; segment] through the same projections."""
         B, T, C = x.shape
-        ctx, mask = memory.context(self.layer, x)
-        M = ctx.shape[1] - T
+        ctx, mask, k_pos = memory.context(self.layer, x)
         bias = self.qkv.bias
         q = F.linear(x, self.qkv.weight[:C], None if bias is None else bias[:C])
         kv = F.linear(ctx, self.qkv.weight[C:], None if bias is None else bias[C:])
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k, v = kv.view(B, M + T, 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        k, v = kv.view(B, ctx.shape[1], 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            self.rotary.cover(M + T)
-            k_pos = torch.arange(M + T, device=x.device)
-            q, k = self.rotary(q, k_pos[M:]), self.rotary(k, k_pos)
+            self.rotary.cover(memory.cmem_len * memory.ratio + memory.mem_len + T)
+            q, k = self.rotary(q, k_pos[-T:]), self.rotary(k, k_pos)
         y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)
+        if self.compressor is not None:
+            memory.compress(self.layer, self.compressor, functools.partial(detached_attention, self.qkv, self.n_head),
+                            x.detach(), with_loss=self.training)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -113,9 +113,11 @@ def test_no_gradient_reaches_the_memory():
     assert g_second.abs().sum() > 0 and g_weight[cfg.d_model:].abs().sum() > 0  # the projections learn
 
 
-def test_compiles_with_fullgraph_and_matches_eager():
-    cfg = small(n_targets=2, target_weights=(1.0, 0.5), intermediate_loss=True, intermediate_targets=2)
-    model = model_for(cfg)
+@pytest.mark.parametrize("compressive", [False, True])
+def test_compiles_with_fullgraph_and_matches_eager(compressive):
+    cfg = small(n_targets=2, target_weights=(1.0, 0.5), intermediate_loss=True, intermediate_targets=2,
+                mem_len=16, cmem_len=8 if compressive else 0)
+    model = model_for(cfg).train()
     compiled = torch.compile(model, fullgraph=True)
     idx = torch.randint(0, 256, (2, 3 * cfg.block_size + 1))
     hw = torch.tensor([1.0, 0.5, 1.0, 0.5])
@@ -125,7 +127,10 @@ def test_compiles_with_fullgraph_and_matches_eager():
         want, _ = model(x, y, hw, memory=eager_mem)
         got, _ = compiled(x, y, hw, memory=compiled_mem)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled_mem.last_recon, eager_mem.last_recon, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_mem.states, eager_mem.states, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_mem.compressed, eager_mem.compressed, rtol=1e-5, atol=1e-5)
+    assert int(compiled_mem.cvalid) == int(eager_mem.cvalid) == (8 if compressive else 0)
 
 
 def test_memory_needs_relative_positions():
@@ -168,9 +173,10 @@ def test_streams_cover_the_split_once_per_pass_without_overlap_and_resume_exactl
             assert torch.equal(x, wx) and torch.equal(y, wy) and r == wr
 
 
-def test_training_with_memory_resumes_mid_stream_bit_for_bit(small_corpus, tmp_path):
+@pytest.mark.parametrize("compressive", [False, True])
+def test_training_with_memory_resumes_mid_stream_bit_for_bit(small_corpus, tmp_path, compressive):
     """A 60-step run against the same run stopped at step 45 and resumed: a pass of the streams ends at step 42,
-    so the resumed run continues a second pass with the memory the checkpoint holds."""
+    so the resumed run continues a second pass with the memory (and compressed memory) the checkpoint holds."""
     from conftest import read_metrics, tiny_config
     from train.config import Args
     from train.loop import train
@@ -178,15 +184,17 @@ def test_training_with_memory_resumes_mid_stream_bit_for_bit(small_corpus, tmp_p
     corpus.write_bytes(small_corpus.read_bytes()[:6000])  # 5,400 training bytes: 4 streams of 1,350, 42 segments
     common = dict(model__mem_len="32", model__pos_emb="rope", model__dropout="0.1", train__schedule="constant",
                   train__warmup_steps="0", train__log_interval="3", train__ckpt_interval="45",
-                  train__eval_interval="0", train__final_eval="false")
+                  train__eval_interval="0", train__final_eval="false", model__cmem_len="16" if compressive else "0")
     train(Args(tiny_config(corpus, tmp_path / "whole", train__max_steps="60", **common), "tiny"))
     train(Args(tiny_config(corpus, tmp_path / "cut", train__max_steps="45", **common), "tiny"))
     resumed = tiny_config(corpus, tmp_path / "cut", train__max_steps="60", **common)
     train(Args(resumed, "tiny", resume=True, overrides={"train.max_steps": "60"}))
 
     def losses(run):
-        return [(r["step"], r["train_loss"]) for r in read_metrics(run) if "train_loss" in r and "event" not in r]
+        return [(r["step"], r["train_loss"], r.get("loss/recon")) for r in read_metrics(run)
+                if "train_loss" in r and "event" not in r]
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 20
+    assert all((recon is not None and recon > 0) == compressive for *_, recon in losses(tmp_path / "whole")[1:])
 
 
 def test_activation_checkpointing_is_refused_with_memory():
@@ -241,3 +249,56 @@ def test_sampling_uses_the_memory_as_its_cache():
         with torch.no_grad():
             seq.append(int(masked_forward(model, idx, mask)[0, -1].argmax()))
     assert out == bytes(seq[len(prompt):])
+
+
+# ------------------------------------------------------------------------------------------------ compressive
+def test_compressive_memory_is_the_plain_memory_until_real_memories_are_evicted_then_attends_to_them():
+    cfg = small(mem_len=32, cmem_len=8, cmem_ratio=4)
+    compressive = model_for(cfg)
+    plain = model_for(small(mem_len=32))
+    plain.load_state_dict(compressive.state_dict(), strict=False)  # all but the compressors
+    idx = torch.randint(0, 256, (2, 5 * cfg.block_size))
+    mem_c, mem_p = SegmentMemory(cfg, 2, "cpu"), SegmentMemory(small(mem_len=32), 2, "cpu")
+    with torch.no_grad():
+        for s in range(5):
+            x = idx[:, s * 16:(s + 1) * 16]
+            got, want = compressive(x, memory=mem_c), plain(x, memory=mem_p)
+            # segments 0 and 1 push out empty slots, segment 2 the first 16 real memories: 4 compressed slots
+            assert int(mem_c.cvalid) == min(8, 4 * max(0, s - 1))
+            if s < 3:  # nothing compressed to attend to yet
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(mem_c.states, mem_p.states, rtol=1e-6, atol=1e-6)
+            else:
+                assert not torch.allclose(got, want)
+
+
+def test_the_compressor_learns_from_the_reconstruction_loss_only_and_the_projections_from_the_lm_loss_only():
+    cfg = small(mem_len=16, cmem_len=8, cmem_ratio=4)
+    model = model_for(cfg).train()
+    memory = SegmentMemory(cfg, 2, "cpu")
+    idx = torch.randint(0, 256, (2, 3 * cfg.block_size + 1))
+    hw = torch.tensor([1.0])
+    for s in range(2):  # fill the memory with real positions
+        model(idx[:, s * 16:(s + 1) * 16], idx[:, s * 16 + 1:(s + 1) * 16 + 1], hw, memory=memory)
+    taken, take = [], memory.take_loss
+    memory.take_loss = lambda: taken.append(take()) or taken[-1]  # the reconstruction loss the model adds
+    total, _ = model(idx[:, 32:48], idx[:, 33:49], hw, memory=memory)
+    recon = taken[-1]
+    assert recon.item() > 0 and memory.last_recon.item() == recon.item() and not memory.last_recon.requires_grad
+    attn = model.blocks[1].attn
+    compressor, projections = list(attn.compressor.parameters()), [attn.qkv.weight, attn.proj.weight]
+    g_comp = torch.autograd.grad(total - recon, compressor, retain_graph=True, allow_unused=True)
+    g_proj = torch.autograd.grad(total - recon, projections, retain_graph=True)
+    assert all(g is None or g.abs().sum() == 0 for g in g_comp) and all(g.abs().sum() > 0 for g in g_proj)
+    g_comp = torch.autograd.grad(recon, compressor, retain_graph=True)
+    g_proj = torch.autograd.grad(recon, projections, allow_unused=True)
+    assert all(g.abs().sum() > 0 for g in g_comp) and all(g is None or g.abs().sum() == 0 for g in g_proj)
+    assert attn.qkv.weight.requires_grad and attn.proj.weight.requires_grad  # never detached in place
+
+
+def test_compressive_config_errors():
+    for args, message in [(["--model.cmem_len=8"], "set model.mem_len too"),
+                          (["--model.mem_len=32", "--model.cmem_len=8", "--model.cmem_ratio=3"],
+                           "must divide model.block_size=32 and model.mem_len=32")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_args(["--preset=tiny", "--model.pos_emb=rope", *args])

@@ -182,6 +182,9 @@ def evaluate_memory(model, data: np.ndarray, a: int, b: int, mem_len: int, strea
     if mem_len < 1:
         raise ConfigError("--mode memory needs a memory: --mem_len N (the model was trained without one)")
     segment = min(segment or cfg.block_size, cfg.block_size)
+    if cfg.cmem_len and (segment % cfg.cmem_ratio or mem_len % cfg.cmem_ratio):
+        raise ConfigError(f"a compressive memory compresses {cfg.cmem_ratio} positions at a time: --chunk "
+                          f"({segment}) and --mem_len ({mem_len}) must be multiples of {cfg.cmem_ratio}")
     inputs, targets, scored, streams = stream_layout(data, a, b, streams, mem_len, device)
     memory = SegmentMemory(cfg, streams, device, mem_len=mem_len)
     result = score_streams(model, inputs, targets, scored, segment, autocast, progress, "memory eval", memory=memory)

@@ -102,6 +102,7 @@ class Run:
         self.guard = NonFiniteFlag(self.device)
         self.hw, self.hw_values = None, ()  # the heads' weights on the device, and as last computed
         self.head_sum, self.head_steps = torch.zeros(0, device=self.device), 0  # per-head losses since the last log
+        self.recon_sum = torch.zeros((), device=self.device)  # the compressive memory's reconstruction loss, same
         self.agreed_time, self.stop_agreed = 0.0, False
         torch.manual_seed(t.seed + dd.rank)  # dropout streams differ across ranks
         if ckpt is not None:
@@ -137,6 +138,7 @@ class Run:
         self.steps_since, self.time_since = acc["steps"], acc["time"]
         self.head_sum = torch.tensor(acc.get("head_sum", []), dtype=torch.float32, device=self.device)
         self.head_steps = acc.get("head_steps", 0)
+        self.recon_sum.fill_(acc.get("recon_sum", 0.0))
         self.sampler.restore(ckpt["rng"]["data"])
         if self.memory is not None and ckpt.get("memory") is not None:
             self.memory.load_state_dict(ckpt["memory"])
@@ -161,7 +163,8 @@ class Run:
             "skipped": self.skipped, "rng": rng, "config": self.config, "world_size": self.dd.world,
             "memory": self.memory.state_dict() if self.memory is not None and self.dd.world == 1 else None,
             "log_acc": {"loss_sum": float(self.loss_sum), "steps": self.steps_since, "time": self.time_since,
-                        "head_sum": self.head_sum.tolist(), "head_steps": self.head_steps},
+                        "head_sum": self.head_sum.tolist(), "head_steps": self.head_steps,
+                        "recon_sum": float(self.recon_sum)},
             **self.meta, **extra})
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -313,6 +316,7 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=self.device)
         head_loss = torch.zeros(hw.numel(), device=self.device)  # per head; the t+1 head's is the train loss
+        recon = torch.zeros((), device=self.device)
         with sampling(self.optimizer):
             for micro in range(t.grad_accum):
                 x, y, restart = self.batches.next()
@@ -323,6 +327,8 @@ class Run:
                 (loss / t.grad_accum).backward()
                 step_loss += loss.detach() / t.grad_accum
                 head_loss += per_head.float() / t.grad_accum
+                if m.cmem_len:
+                    recon += self.memory.last_recon / t.grad_accum
             norm = self.grad_norm(want=sync)
         self.guard.update(now, step_loss, norm)
         skip = False
@@ -350,6 +356,7 @@ class Run:
             if self.head_sum.numel() != head_loss.numel():  # the intermediate heads stopped: their sums end here
                 self.head_sum, self.head_steps = torch.zeros_like(head_loss), 0
             self.head_sum += head_loss
+            self.recon_sum += recon
             self.head_steps += 1
         self.step = now
         self.time_since += clock - self.train_time
@@ -370,6 +377,8 @@ class Run:
                 if self.peak_flops:
                     flops = self.raw.flops_per_token(self.hw.numel()) * tokens_per_s  # tokens of all ranks
                     record["mfu"] = flops / (self.peak_flops * dd.world)
+            if self.head_steps and self.cfg.model.cmem_len:
+                record["loss/recon"] = self.dd.sum([float(self.recon_sum)])[0] / (self.head_steps * dd.world)
             if self.head_steps and self.head_sum.numel() > 1:
                 record.update(self.head_losses())
             if self.skipped:
@@ -377,6 +386,7 @@ class Run:
             self.loss_sum.zero_()
             self.steps_since, self.time_since = 0, 0.0
             self.head_sum, self.head_steps = torch.zeros_like(self.head_sum), 0
+            self.recon_sum.zero_()
         if t.eval_interval and self.step % t.eval_interval == 0:
             record.update(step=self.step, val_bpc=self.running_val_bpc(), val_protocol=RUNNING_PROTOCOL)
         if t.full_eval_interval and self.step % t.full_eval_interval == 0:

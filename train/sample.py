@@ -11,7 +11,8 @@ with replacement characters; the bytes themselves are kept exact.
 
 A model trained with a Transformer-XL memory (model.mem_len > 0) samples with the memory as its cache: every byte,
 prompt bytes included, is one pass that sees the last mem_len + block_size - 1 bytes (a sliding window that the
-memory carries), the longest context a training query had.
+memory carries), the longest context a training query had. A compressive model (model.cmem_len > 0), which
+compresses cmem_ratio positions at a time, samples with the KV cache instead.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def generate(model, prompt: bytes, n_tokens: int, temperature: float = 1.0, top_
     block = model.cfg.block_size
     keep = max(1, block // 2)
     seq = list(prompt) or [ord("\n")]
-    if use_cache and model.cfg.mem_len:
+    if use_cache and model.cfg.mem_len and not model.cfg.cmem_len:
         return generate_with_memory(model, seq, n_tokens, temperature, top_k, generator, progress)
     cache = KVCache(model.cfg, 1, block, block, device) if use_cache else None
     start = 0  # the window: the model sees seq[start:]
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                    progress=sys.stderr.isatty())
     dt = time.time() - t0
     sys.stdout.write((prompt + out).decode("utf-8", errors="replace") + "\n")
+    uses_memory = model.cfg.mem_len and not model.cfg.cmem_len
     print(f"[{args.tokens} bytes in {dt:.2f} s: {args.tokens / max(dt, 1e-9):.1f} bytes/s, "
-          f"{'no cache' if args.no_cache else 'memory' if model.cfg.mem_len else 'KV cache'}]", file=sys.stderr)
+          f"{'no cache' if args.no_cache else 'memory' if uses_memory else 'KV cache'}]", file=sys.stderr)
     return 0
 
 
