@@ -31,10 +31,11 @@ IMPLS = ["reference", "charlm-eager", "charlm-compiled", "charlm-compiled-triton
 
 def cases_here() -> list[tuple[str, str]]:
     """(preset, implementation) pairs timed on this machine: on a GPU every implementation of t12 and the real step
-    of t12-modern (each compiled case costs ~40 s of compilation in the device suite's budget); on a CPU the cpu
-    preset without the Triton kernels (which run there only interpreted)."""
+    of t12-modern and t12-xl (memory; each compiled case costs ~40 s of compilation in the device suite's
+    budget); on a CPU the cpu preset without the Triton kernels (which run there only interpreted)."""
     if torch.cuda.is_available():
-        return [("t12", impl) for impl in IMPLS] + [("t12-modern", "reference"), ("t12-modern", "run")]
+        return ([("t12", impl) for impl in IMPLS] + [("t12-modern", "reference"), ("t12-modern", "run")]
+                + [("t12-xl", "reference"), ("t12-xl", "run")])
     return [("cpu", impl) for impl in IMPLS if not impl.endswith("triton")]
 
 
@@ -113,7 +114,7 @@ def suite() -> list[dict]:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("preset", ["cpu", "t12", "t12-modern"])
+@pytest.mark.parametrize("preset", ["cpu", "t12", "t12-modern", "t12-xl"])
 def test_train_step(benchmark, preset, impl):
     if (preset, impl) not in cases_here():
         pytest.skip(f"{preset}/{impl} is not timed on this machine (see cases_here)")

@@ -184,7 +184,16 @@ def t12_modern() -> Config:
     return cfg
 
 
-PRESETS = {"tiny": tiny, "cpu": cpu, "t12": t12, "t12-modern": t12_modern}
+def t12_xl() -> Config:
+    """t12-modern with a Transformer-XL memory of 512 positions per layer (Dai et al.'s enwik8 setup trains with
+    512 and evaluates with a longer one: python -m train.evaluate --mode memory --mem_len 2048). Training reads
+    contiguous streams; the model has t12-modern's parameters (the memory has none)."""
+    cfg = t12_modern()
+    cfg.model.mem_len = 512
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "cpu": cpu, "t12": t12, "t12-modern": t12_modern, "t12-xl": t12_xl}
 
 
 def default_preset() -> str:
