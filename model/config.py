@@ -27,7 +27,7 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers and LayerNorm (classifier heads: head_bias)
     head_bias: bool = True  # biases in the classifier heads
     activation: Literal["gelu", "relu", "solu", "swiglu"] = "gelu"  # MLP nonlinearity; solu: LayerNorm(x*softmax(x))
-    pos_emb: Literal["learned", "learned_per_layer", "rope"] = "learned"  # added at the input | at every block | rotary
+    pos_emb: Literal["learned", "learned_per_layer", "rope", "xl_relative"] = "learned"  # input/per block/rotary/TXL
     residual_scale: Literal["none", "depth-scaled"] = "none"  # depth-scaled: branches x 1/sqrt(2*n_layer)
     init: Literal["normal", "gpt2", "small"] = "normal"  # N(0,.02) | + out-proj /sqrt(2L) | N(0,sqrt(2/5d))
     n_targets: int = 1  # final heads predicting t+1..t+n_targets (Al-Rfou et al.: 2)
@@ -89,7 +89,7 @@ class ModelConfig:
             out.append(f"model.mem_len must be >= 0 (got {self.mem_len})")
         elif self.mem_len and self.absolute_positions:
             out.append(f"model.mem_len={self.mem_len} needs relative positions: model.pos_emb={self.pos_emb} has a "
-                       f"table of absolute positions that cannot index a memory; use model.pos_emb=rope")
+                       f"table of absolute positions that cannot index a memory; use rope or xl_relative")
         if self.cmem_len < 0 or self.cmem_ratio < 1 or self.cmem_weight < 0:
             out.append("model.cmem_len and model.cmem_weight must be >= 0, model.cmem_ratio >= 1")
         elif self.cmem_len and not self.mem_len:

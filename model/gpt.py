@@ -18,7 +18,7 @@ from kernels.mhce import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.layers import Block, LearnedPositions, NoPositions, make_norm
+from model.layers import Block, LearnedPositions, NoPositions, XLRelative, make_norm
 from model.memory import SegmentMemory
 
 
@@ -112,7 +112,8 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = LearnedPositions(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else NoPositions()
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
+        self.relative = XLRelative(cfg) if cfg.pos_emb == "xl_relative" else None  # shared by every layer
+        self.blocks = nn.ModuleList(Block(cfg, layer, self.relative) for layer in range(cfg.n_layer))
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.heads = Heads(cfg)
         if cfg.tie_embeddings:

@@ -153,14 +153,50 @@ class Rotary(nn.Module):
         return (xf * cos + torch.cat((x2, x1), dim=-1) * sin).to(x.dtype)
 
 
+class XLRelative(nn.Module):
+    """Transformer-XL's relative positions (Dai et al. 2019, sec. 3.3): the score of query i and key j is
+    (q_i + u) . k_j + (q_i + v) . W_R r(i - j), over sqrt(head_dim), with r the sinusoid of the distance, W_R each
+    layer's own `r_proj`, and u, v per head shared by every layer (this module is shared). The paper's relative
+    shift is done as a gather of the (q + v) . W_R r(d) table at each pair's distance d, which also serves keys
+    that are not evenly spaced (compressed memory) and the KV cache. Computed explicitly (math); on every device."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))
+        self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, cfg.d_model, 2, dtype=torch.float64) / cfg.d_model)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, q, k, v, q_pos, k_pos, mask, span: int, r_proj: nn.Linear, dropout: float):
+        """q (B, H, T, hd), k and v (B, H, K, hd); positions (T,) and (K,) or None (0..T-1 for both, causal);
+        mask (T, K) or None; span: positions covered (every distance is below it)."""
+        B, H, T, hd = q.shape
+        if q_pos is None:
+            q_pos = k_pos = torch.arange(T, device=q.device)
+        distance = q_pos[:, None] - k_pos[None, :]  # (T, K)
+        allowed = distance >= 0 if mask is None else mask
+        angles = torch.arange(span, device=q.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        r = r_proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(q.dtype)).view(span, H, hd)
+        content = (q + self.u[:, None, :]) @ k.transpose(-2, -1)  # (B, H, T, K)
+        table = (q + self.v[:, None, :]) @ r.permute(1, 2, 0)  # (B, H, T, span): every distance
+        index = distance.clamp(0, span - 1).expand(B, H, T, distance.shape[1])
+        scores = (content + table.gather(-1, index)).float() / math.sqrt(hd)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(v.dtype)
+        if dropout:
+            probs = F.dropout(probs, dropout)
+        return probs @ v
+
+
 # ---------------------------------------------------------------- attention
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; with a KV cache, over the cache's sliding window. RoPE rotates queries
     and keys in the same place on both paths."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, relative: XLRelative | None = None):
         super().__init__()
         self.layer, self.n_head, self.dropout = layer, cfg.n_head, cfg.dropout
+        self.relative = relative  # pos_emb=xl_relative: u and v shared by every layer, W_R of this layer
+        self.r_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if relative is not None else None
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.head_dim, cfg.block_size) if cfg.pos_emb == "rope" else None
@@ -177,10 +213,19 @@ class CausalSelfAttention(nn.Module):
         else:  # keys are cached unrotated; positions are relative to the cache's first slot
             k, v, k_pos, mask = cache.update(self.layer, k, v)
             q_pos = k_pos[-T:]
-        if self.rotary is not None:
-            q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
-        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)
+        span = T if cache is None else cache.length + T
+        y = self.mix(q, k, v, q_pos, k_pos, mask, span)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def mix(self, q, k, v, q_pos, k_pos, mask, span: int):
+        """Positions (rotary or Transformer-XL relative, over `span` positions), then attention."""
+        dropout = self.dropout if self.training else 0.0
+        if self.relative is not None:
+            return self.relative(q, k, v, q_pos, k_pos, mask, span, self.r_proj, dropout)
+        if self.rotary is not None:
+            self.rotary.cover(span)
+            q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
+        return self.attend(q, k, v, mask, dropout)
 
     def forward_with_memory(self, x, memory: SegmentMemory):
         """Queries from the segment, keys and values from [memory; segment] through the same projections."""
@@ -191,10 +236,7 @@ class CausalSelfAttention(nn.Module):
         kv = F.linear(ctx, self.qkv.weight[C:], None if bias is None else bias[C:])
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k, v = kv.view(B, ctx.shape[1], 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        if self.rotary is not None:
-            self.rotary.cover(memory.cmem_len * memory.ratio + memory.mem_len + T)
-            q, k = self.rotary(q, k_pos[-T:]), self.rotary(k, k_pos)
-        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)
+        y = self.mix(q, k, v, k_pos[-T:], k_pos, mask, memory.cmem_len * memory.ratio + memory.mem_len + T)
         if self.compressor is not None:
             memory.compress(self.layer, self.compressor, functools.partial(detached_attention, self.qkv, self.n_head),
                             x.detach(), with_loss=self.training)
@@ -225,11 +267,11 @@ def make_branch(cfg: ModelConfig) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm transformer block: x += s*drop(attn(norm(x))); x += s*drop(mlp(norm(x))), s the residual scale."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, relative: XLRelative | None = None):
         super().__init__()
         per_layer = cfg.pos_emb == "learned_per_layer"
         self.pos = LearnedPositions(cfg.block_size, cfg.d_model) if per_layer else NoPositions()
-        self.norm1, self.attn = make_norm(cfg, cfg.d_model), CausalSelfAttention(cfg, layer)
+        self.norm1, self.attn = make_norm(cfg, cfg.d_model), CausalSelfAttention(cfg, layer, relative)
         self.norm2, self.mlp = make_norm(cfg, cfg.d_model), make_mlp(cfg)
         self.branch = make_branch(cfg)  # dropout and residual scale
 

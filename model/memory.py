@@ -39,7 +39,7 @@ class SegmentMemory:
             raise ValueError(f"a memory needs mem_len >= 1 (got {self.mem_len})")
         if cfg.absolute_positions:
             raise ValueError(f"model.pos_emb={cfg.pos_emb} gives absolute positions, which cannot index a memory; "
-                             f"use model.pos_emb=rope")
+                             f"use model.pos_emb=rope or xl_relative")
         if self.cmem_len and self.mem_len % self.ratio:
             raise ValueError(f"a compressive memory needs mem_len ({self.mem_len}) to be a multiple of "
                              f"model.cmem_ratio={self.ratio}")

@@ -15,7 +15,7 @@ def small(**kw) -> ModelConfig:
     return ModelConfig(**{**dict(n_layer=3, n_head=2, d_model=32, d_ff=64, block_size=24), **kw})
 
 
-@pytest.mark.parametrize("pos_emb", ["learned", "learned_per_layer", "rope"])
+@pytest.mark.parametrize("pos_emb", ["learned", "learned_per_layer", "rope", "xl_relative"])
 @pytest.mark.parametrize("chunks", [[1] * 24, [5, 1, 7, 11], [24]], ids=["one-by-one", "mixed", "whole"])
 def test_cached_decoding_equals_full_forward(pos_emb, chunks):
     torch.manual_seed(0)
@@ -32,11 +32,12 @@ def test_cached_decoding_equals_full_forward(pos_emb, chunks):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_sliding_window_equals_recomputing_each_window():
+@pytest.mark.parametrize("pos_emb", ["rope", "xl_relative"])
+def test_sliding_window_equals_recomputing_each_window(pos_emb):
     """With one layer, a query over the rolling cache sees exactly the last `window` bytes: its logits equal a
-    full forward over those bytes (RoPE: only relative positions matter)."""
+    full forward over those bytes (relative positions: only distances matter)."""
     torch.manual_seed(1)
-    model = GPT(small(n_layer=1, pos_emb="rope", block_size=8)).eval()
+    model = GPT(small(n_layer=1, pos_emb=pos_emb, block_size=8)).eval()
     x = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         cache = KVCache(model.cfg, 1, window=8, chunk=3, device="cpu")

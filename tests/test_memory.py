@@ -32,12 +32,32 @@ def masked_forward(model: GPT, idx: torch.Tensor, mask: torch.Tensor) -> torch.T
     positions = torch.arange(L)
     for block in model.blocks:
         attn = block.attn
-        attn.rotary.cover(L)
         q, k, v = attn.qkv(block.norm1(x)).view(B, L, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)
-        q, k = attn.rotary(q, positions), attn.rotary(k, positions)
-        x = x + attn.proj(attend_math(q, k, v, mask).transpose(1, 2).reshape(B, L, C))
+        if attn.relative is not None:  # Transformer-XL's relative scores, written out per pair below
+            y = xl_reference(attn, q, k, v, mask)
+        else:
+            attn.rotary.cover(L)
+            q, k = attn.rotary(q, positions), attn.rotary(k, positions)
+            y = attend_math(q, k, v, mask)
+        x = x + attn.proj(y.transpose(1, 2).reshape(B, L, C))
         x = x + block.mlp(block.norm2(x))
     return model.heads.main_logits(model.norm_f(x))
+
+
+def xl_reference(attn, q, k, v, mask) -> torch.Tensor:
+    """Dai et al.'s score for every pair, (q_i + u).k_j + (q_i + v).W_R r(i - j), with the sinusoid r of the
+    distance as their code builds it ([sin, cos] of pos * 1/10000^(2i/d)); positions 0..L-1."""
+    B, H, L, hd = q.shape
+    d_model = H * hd
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    distance = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).clamp(min=0).double()
+    angles = distance[..., None] * inv_freq  # (L, L, d/2)
+    r = attn.r_proj(torch.cat([angles.sin(), angles.cos()], -1).float()).view(L, L, H, hd)  # W_R r(i - j)
+    u, v_bias = attn.relative.u, attn.relative.v
+    scores = (torch.einsum("bhid,bhjd->bhij", q + u[:, None], k)
+              + torch.einsum("bhid,ijhd->bhij", q + v_bias[:, None], r))
+    scores = (scores / hd ** 0.5).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v
 
 
 def memory_mask(length: int, segment: int, mem_len: int) -> torch.Tensor:
@@ -53,9 +73,11 @@ def by_segments(model: GPT, idx: torch.Tensor, segment: int, memory: SegmentMemo
     return torch.cat([model(idx[:, s:s + segment], memory=memory) for s in range(0, idx.shape[1], segment)], 1)
 
 
-@pytest.mark.parametrize("mem_len,attention", [(16, "sdpa"), (16, "math"), (7, "sdpa"), (41, "sdpa")])
-def test_segments_with_memory_equal_one_forward_over_the_stream_with_the_memory_mask(mem_len, attention):
-    cfg = small(attention=attention)
+@pytest.mark.parametrize("mem_len,attention,pos_emb", [(16, "sdpa", "rope"), (16, "math", "rope"), (7, "sdpa", "rope"),
+                                                       (41, "sdpa", "rope"), (16, "sdpa", "xl_relative"),
+                                                       (41, "sdpa", "xl_relative")])
+def test_segments_with_memory_equal_one_forward_over_the_stream_with_the_memory_mask(mem_len, attention, pos_emb):
+    cfg = small(attention=attention, pos_emb=pos_emb)
     model = model_for(cfg)
     idx = torch.randint(0, 256, (3, 4 * cfg.block_size))
     memory = SegmentMemory(cfg, batch=3, device="cpu", mem_len=mem_len)  # 41: longer than training's, 2.5 segments
@@ -113,10 +135,10 @@ def test_no_gradient_reaches_the_memory():
     assert g_second.abs().sum() > 0 and g_weight[cfg.d_model:].abs().sum() > 0  # the projections learn
 
 
-@pytest.mark.parametrize("compressive", [False, True])
-def test_compiles_with_fullgraph_and_matches_eager(compressive):
+@pytest.mark.parametrize("compressive,pos_emb", [(False, "rope"), (True, "rope"), (True, "xl_relative")])
+def test_compiles_with_fullgraph_and_matches_eager(compressive, pos_emb):
     cfg = small(n_targets=2, target_weights=(1.0, 0.5), intermediate_loss=True, intermediate_targets=2,
-                mem_len=16, cmem_len=8 if compressive else 0)
+                mem_len=16, cmem_len=8 if compressive else 0, pos_emb=pos_emb)
     model = model_for(cfg).train()
     compiled = torch.compile(model, fullgraph=True)
     idx = torch.randint(0, 256, (2, 3 * cfg.block_size + 1))
@@ -302,3 +324,23 @@ def test_compressive_config_errors():
                            "must divide model.block_size=32 and model.mem_len=32")]:
         with pytest.raises(ConfigError, match=message):
             parse_args(["--preset=tiny", "--model.pos_emb=rope", *args])
+
+
+# ------------------------------------------------------------------------------------------------ XL relative
+def test_xl_relative_positions_depend_on_distances_only_and_share_u_and_v():
+    cfg = small(pos_emb="xl_relative", mem_len=0)
+    model = model_for(cfg)
+    attn = model.blocks[0].attn
+    assert all(block.attn.relative is model.relative for block in model.blocks)  # u and v: one pair for all
+    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+    q, k, v = (torch.randn(2, 2, 5, 12) for _ in range(3))
+    pos = torch.arange(5)
+    mask = pos[None, :] <= pos[:, None]
+    with torch.no_grad():
+        base = model.relative(q, k, v, pos, pos, mask, 5, attn.r_proj, 0.0)
+        shifted = model.relative(q, k, v, pos + 7, pos + 7, mask, 12, attn.r_proj, 0.0)
+        torch.testing.assert_close(base, shifted, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(base, xl_reference(attn, q, k, v, mask), rtol=1e-5, atol=1e-6)
+        loaded = model_for(cfg, seed=3)
+        loaded.load_state_dict(model.state_dict())
+        torch.testing.assert_close(loaded(torch.arange(16)[None]), model(torch.arange(16)[None]))

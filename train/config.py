@@ -112,6 +112,8 @@ class Config:
         if self.model.mem_len and t.activation_checkpointing:
             out.append("train.activation_checkpointing does not work with model.mem_len (the memory moves on in the "
                        "forward pass, which a recomputation would repeat)")
+        if self.model.pos_emb == "xl_relative" and t.fsdp:
+            out.append("model.pos_emb=xl_relative shares its u and v across layers, which train.fsdp cannot shard")
         if t.optimizer == "muon" and t.fsdp:
             out.append("train.optimizer=muon needs whole weight matrices: it does not work with train.fsdp")
         if t.optimizer == "ivon" and (t.fsdp or t.skip_nonfinite):
