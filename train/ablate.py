@@ -36,11 +36,17 @@ from train.logger import progress_bar
 from train.studies import (NOTES_BUDGET, PlannedRun, Study, from_table, from_toml, notes, parse_vary, plan,
                            study_dict)
 
-# The child: dies with the study (PR_SET_PDEATHSIG, or at once when the study is already gone), then is
-# `python -m train` with the run's arguments.
+# The child: stops with the study, then is `python -m train` with the run's arguments. Linux sends the parent-death
+# signal (PR_SET_PDEATHSIG) each time a thread of the dead study that the child was reparented to exits, so it is
+# SIGUSR1, turned into one SIGTERM (a second SIGTERM would make the run exit without its checkpoint).
 CHILD = """import ctypes, os, runpy, signal, sys
+def parent_died(signum, frame, seen=[]):
+    if not seen:
+        seen.append(signum)
+        os.kill(os.getpid(), signal.SIGTERM)
 if sys.platform == "linux":
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    signal.signal(signal.SIGUSR1, parent_died)
+    ctypes.CDLL(None).prctl(1, signal.SIGUSR1)
 if os.getppid() != int(sys.argv.pop(1)):
     sys.exit(143)
 sys.argv[0] = "train"

@@ -96,6 +96,7 @@ class Run:
         self.sampler = sampler(self.corpus.split("train"), t.batch_size, m.block_size,
                                torch.Generator().manual_seed(t.seed), (dd.rank, dd.world))
         self.memory = SegmentMemory(m, t.batch_size // dd.world, self.device) if m.mem_len else None
+        self.memory_kwargs = {"memory": self.memory} if self.memory is not None else {}  # the model's call as before
         self.batches: BatchPrefetcher | None = None  # started by the first step (after a resume has set the sampler)
         self.step, self.train_time, self.skipped = 0, 0.0, 0
         self.loss_sum, self.steps_since, self.time_since = torch.zeros((), device=self.device), 0, 0.0
@@ -323,7 +324,7 @@ class Run:
                 if restart and self.memory is not None:
                     self.memory.reset()
                 with no_grad_sync(self.model, self.raw, t, dd, micro == t.grad_accum - 1), self.autocast():
-                    loss, per_head = self.model(x, y, hw, memory=self.memory)
+                    loss, per_head = self.model(x, y, hw, **self.memory_kwargs)
                 (loss / t.grad_accum).backward()
                 step_loss += loss.detach() / t.grad_accum
                 head_loss += per_head.float() / t.grad_accum
