@@ -43,7 +43,7 @@ CHILD = """import ctypes, os, runpy, signal, sys
 def parent_died(signum, frame, seen=[]):
     if not seen:
         seen.append(signum)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
 if sys.platform == "linux":
     signal.signal(signal.SIGUSR1, parent_died)
     ctypes.CDLL(None).prctl(1, signal.SIGUSR1)
