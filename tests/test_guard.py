@@ -13,12 +13,16 @@ from train.loop import train
 
 
 def test_first_signal_asks_to_stop_and_a_second_one_interrupts_at_once():
-    with StopOnSignal(verbose=False) as stop:
-        signal.raise_signal(signal.SIGINT)  # to this thread: handled before the next line
-        assert stop.received == signal.SIGINT and stop.name == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    ambient = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left installed
+    try:
+        with StopOnSignal(verbose=False) as stop:
+            signal.raise_signal(signal.SIGINT)  # to this thread: handled before the next line
+            assert stop.received == signal.SIGINT and stop.name == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    finally:
+        signal.signal(signal.SIGINT, ambient)
 
 
 def test_cli_turns_a_second_ctrl_c_into_a_clear_exit(monkeypatch, capsys):
