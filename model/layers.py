@@ -14,7 +14,7 @@ from kernels.reference import rmsnorm_ref, swiglu_packed_ref
 from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.memory import Compressor, SegmentMemory, detached_attention
+from model.memory import Compressor, SegmentMemory, detached_attention, project_heads
 
 # model.kernels -> swiglu of a packed gate+up: the fused Triton op or its plain-PyTorch reference
 SWIGLU = {"torch": swiglu_packed_ref, "triton": kernels.swiglu_packed}
@@ -231,11 +231,7 @@ class CausalSelfAttention(nn.Module):
         """Queries from the segment, keys and values from [memory; segment] through the same projections."""
         B, T, C = x.shape
         ctx, mask, k_pos = memory.context(self.layer, x)
-        bias = self.qkv.bias
-        q = F.linear(x, self.qkv.weight[:C], None if bias is None else bias[:C])
-        kv = F.linear(ctx, self.qkv.weight[C:], None if bias is None else bias[C:])
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k, v = kv.view(B, ctx.shape[1], 2, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = project_heads(self.qkv.weight, self.qkv.bias, x, ctx, self.n_head)
         y = self.mix(q, k, v, k_pos[-T:], k_pos, mask, memory.cmem_len * memory.ratio + memory.mem_len + T)
         if self.compressor is not None:
             memory.compress(self.layer, self.compressor, functools.partial(detached_attention, self.qkv, self.n_head),

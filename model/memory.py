@@ -137,16 +137,23 @@ class Compressor(nn.Module):
         return self.conv(x.transpose(1, 2)).transpose(1, 2)
 
 
+def project_heads(weight: torch.Tensor, bias: torch.Tensor | None, queries: torch.Tensor, keys_from: torch.Tensor,
+                  n_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused qkv projection (rows q | k | v) applied with queries and keys/values from different inputs:
+    q (B, H, Tq, hd) from queries, k and v (B, H, Tk, hd) from keys_from."""
+    B, T, C = queries.shape
+    q = F.linear(queries, weight[:C], None if bias is None else bias[:C]).view(B, T, n_head, -1).transpose(1, 2)
+    kv = F.linear(keys_from, weight[C:], None if bias is None else bias[C:])
+    k, v = kv.view(B, keys_from.shape[1], 2, n_head, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
 def detached_attention(qkv: nn.Linear, n_head: int, queries: torch.Tensor, keys_from: torch.Tensor,
                        key_ok: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd)) v over keys_from (no causal mask: they all precede the queries), with the
     projection's weights detached: the reconstruction loss trains the compressor, never the attention."""
-    B, T, C = queries.shape
-    weight = qkv.weight.detach()
     bias = qkv.bias.detach() if qkv.bias is not None else None
-    q = F.linear(queries, weight[:C], None if bias is None else bias[:C]).view(B, T, n_head, -1).transpose(1, 2)
-    kv = F.linear(keys_from, weight[C:], None if bias is None else bias[C:])
-    k, v = kv.view(B, keys_from.shape[1], 2, n_head, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = project_heads(qkv.weight.detach(), bias, queries, keys_from, n_head)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~key_ok, -1e9)  # finite: a layer with nothing real evicted scores zero loss
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
