@@ -39,6 +39,10 @@ class ModelConfig:
     cmem_len: int = 0  # compressive memory: slots of compressed evicted memories per layer (0 = off; needs mem_len)
     cmem_ratio: int = 4  # compression rate: this many evicted memories -> one slot (1-D conv, kernel = stride)
     cmem_weight: float = 1.0  # weight of the compressor's attention-reconstruction loss (Rae et al. 2019)
+    attn_pattern: Literal["dense", "local", "strided", "fixed"] = "dense"  # sparse attention (Child et al. 2019)
+    attn_window: int = 128  # local: positions a query sees (itself included); strided: its local heads' band
+    attn_stride: int = 32  # strided: step of the strided heads; fixed: block length
+    attn_summary: int = 4  # fixed: the last positions of each block that the summary heads see
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
     attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash: flash-attn, else sdpa (warned once)
     kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU, multi-head loss
@@ -52,6 +56,11 @@ class ModelConfig:
     def absolute_positions(self) -> bool:
         """Learned position tables: they cover positions 0..block_size-1 of a window and nothing beyond."""
         return self.pos_emb in ("learned", "learned_per_layer")
+
+    @property
+    def attention_span(self) -> int:
+        """The farthest back (itself included) any query looks: what a KV cache must keep."""
+        return min(self.attn_window, self.block_size) if self.attn_pattern == "local" else self.block_size
 
     @property
     def n_intermediate(self) -> int:
@@ -97,6 +106,14 @@ class ModelConfig:
         elif self.cmem_len and (self.block_size % self.cmem_ratio or self.mem_len % self.cmem_ratio):
             out.append(f"model.cmem_ratio={self.cmem_ratio} must divide model.block_size={self.block_size} and "
                        f"model.mem_len={self.mem_len}")
+        if min(self.attn_window, self.attn_stride, self.attn_summary) < 1 or self.attn_summary > self.attn_stride:
+            out.append("model.attn_window, attn_stride and attn_summary must be >= 1, attn_summary <= attn_stride")
+        elif self.attn_pattern in ("strided", "fixed") and self.n_head % 2:
+            out.append(f"model.attn_pattern={self.attn_pattern} splits the heads in two halves: model.n_head="
+                       f"{self.n_head} must be even")
+        if self.attn_pattern != "dense" and self.mem_len:
+            out.append(f"model.attn_pattern={self.attn_pattern} is not implemented with a Transformer-XL memory "
+                       f"(model.mem_len={self.mem_len}); use attn_pattern=dense")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

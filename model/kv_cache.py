@@ -11,15 +11,17 @@ from __future__ import annotations
 import torch
 
 from model.config import ModelConfig
+from model.sparse import make_pattern
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, window: int, chunk: int, device, dtype=torch.float32):
         """window: how many positions a query sees (itself included); chunk: most positions per forward pass."""
-        self.window, self.chunk = window, chunk
-        self.capacity = window - 1 + chunk
         if not 1 <= window <= cfg.block_size or not 1 <= chunk <= cfg.block_size:
             raise ValueError(f"window ({window}) and chunk ({chunk}) must be in [1, block_size={cfg.block_size}]")
+        self.window, self.chunk = min(window, cfg.attention_span), chunk  # a local pattern keeps its window only
+        self.capacity = self.window - 1 + chunk
+        self.pattern = make_pattern(cfg)
         shape = (cfg.n_layer, batch, cfg.n_head, self.capacity, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -27,6 +29,15 @@ class KVCache:
         # learned tables end at block_size: a stream that runs past it would index beyond them
         self.position_limit = cfg.block_size if cfg.absolute_positions else None
         self.pos_emb = cfg.pos_emb
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache memory per position of a stream, all layers (keys and values)."""
+        return 2 * self.k[:, 0, :, 0].numel() * self.k.element_size()
+
+    @property
+    def bytes_per_stream(self) -> int:
+        return self.capacity * self.bytes_per_token
 
     def reset(self) -> None:
         self.start, self.length = 0, 0
@@ -63,6 +74,8 @@ class KVCache:
         key_pos = torch.arange(end, device=k.device)
         query_pos = key_pos[self.length:]
         mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - self.window)
+        pattern = self.pattern.allowed(self.start + query_pos, self.start + key_pos)  # in stream positions
+        mask = mask if pattern is None else mask & pattern
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end], key_pos, mask
 
     def advance(self, n: int) -> None:

@@ -15,6 +15,7 @@ from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.memory import Compressor, SegmentMemory, detached_attention, project_heads
+from model.sparse import make_pattern
 
 # model.kernels -> swiglu of a packed gate+up: the fused Triton op or its plain-PyTorch reference
 SWIGLU = {"torch": swiglu_packed_ref, "triton": kernels.swiglu_packed}
@@ -201,6 +202,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rotary = Rotary(cfg.head_dim, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.attend = resolve_attention(cfg.attention)
+        self.pattern = make_pattern(cfg)  # model.attn_pattern: which earlier positions each head sees
         self.compressor = Compressor(cfg.d_model, cfg.cmem_ratio) if cfg.cmem_len else None
 
     def forward(self, x, cache: KVCache | None = None, memory: SegmentMemory | None = None):
@@ -221,11 +223,12 @@ class CausalSelfAttention(nn.Module):
         """Positions (rotary or Transformer-XL relative, over `span` positions), then attention."""
         dropout = self.dropout if self.training else 0.0
         if self.relative is not None:
+            mask = self.pattern.mask(q.shape[-2], q.device) if mask is None else mask
             return self.relative(q, k, v, q_pos, k_pos, mask, span, self.r_proj, dropout)
         if self.rotary is not None:
             self.rotary.cover(span)
             q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
-        return self.attend(q, k, v, mask, dropout)
+        return self.pattern.attend(self.attend, q, k, v, mask, dropout)
 
     def forward_with_memory(self, x, memory: SegmentMemory):
         """Queries from the segment, keys and values from [memory; segment] through the same projections."""

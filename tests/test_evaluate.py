@@ -115,6 +115,25 @@ def test_cached_streams_equal_stride_1_for_one_layer(streams, chunk):
     assert math.isclose(cached["nll_nats"], strided["nll_nats"], rel_tol=1e-5)
 
 
+def test_cached_mode_reports_the_caches_memory_and_a_local_model_keeps_its_window():
+    """cache_bytes_per_token: keys and values of every layer per position (2 x n_layer x d_model x 4 bytes in
+    fp32); per stream: times the positions kept (window - 1 + chunk), the window being attn_window for a local
+    model, whose bpc equals the dense model's when attn_window covers the block."""
+    from train.evaluate import evaluate_cached
+    text = np.frombuffer(b"The quick brown fox jumps over the lazy dog. " * 3, dtype=np.uint8)
+    results = {}
+    for window in (16, 5):
+        torch.manual_seed(0)
+        cfg = ModelConfig(n_layer=2, n_head=2, d_model=16, d_ff=32, block_size=16, pos_emb="rope",
+                          attn_pattern="local", attn_window=window)
+        results[window] = evaluate_cached(GPT(cfg).eval(), text, 20, len(text), streams=2, chunk=4, progress=False)
+    dense = evaluate_cached(rope_model(), text, 20, len(text), streams=2, chunk=4, progress=False)
+    assert dense["cache_bytes_per_token"] == results[5]["cache_bytes_per_token"] == 2 * 2 * 16 * 4
+    assert dense["cache_bytes_per_stream"] == results[16]["cache_bytes_per_stream"] == (16 - 1 + 4) * 256
+    assert results[5]["window"] == 5 and results[5]["cache_bytes_per_stream"] == (5 - 1 + 4) * 256
+    assert math.isclose(results[16]["bpc"], dense["bpc"], rel_tol=1e-6)
+
+
 def test_cached_mode_refuses_absolute_positions():
     from train.evaluate import evaluate_cached
     model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, d_ff=32, block_size=16)).eval()

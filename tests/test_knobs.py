@@ -29,6 +29,10 @@ KNOBS = [
      "model__n_targets": "2", "model__target_weights": "1.0,0.5", "model__intermediate_targets": "2"},
     {"model__mem_len": "32", "model__cmem_len": "16", "model__pos_emb": "rope"},  # compressive memory
     {"model__mem_len": "32", "model__pos_emb": "xl_relative"},  # Transformer-XL as published
+    {"model__attn_pattern": "local", "model__attn_window": "8"},  # sparse attention (Child et al. 2019)
+    {"model__attn_pattern": "strided", "model__attn_window": "6", "model__attn_stride": "5", "train__compile": "true",
+     "model__intermediate_loss": "true", "model__n_layer": "3"},
+    {"model__attn_pattern": "fixed", "model__attn_stride": "8", "model__attn_summary": "2", "model__pos_emb": "rope"},
     {"model__head_bias": "false"},
     {"model__tie_embeddings": "true"},
     {"model__kernels": "triton", "model__norm": "rmsnorm", "model__activation": "swiglu"},  # interpreted on a CPU

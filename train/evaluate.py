@@ -151,7 +151,8 @@ def score_streams(model, inputs, targets, scored, chunk: int, autocast, progress
 def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, chunk: int = 0, device: str = "cpu",
                     autocast=nullcontext, progress: bool = True, cache_dtype: torch.dtype | None = None) -> dict:
     """Protocol `cached`: stream the targets [a, b) through the model with a KV cache of the last block_size
-    positions per layer, each query attending over a sliding window of block_size positions (itself included).
+    positions per layer, each query attending over a sliding window of block_size positions (itself included;
+    model.attn_pattern=local: attn_window positions, and the cache keeps only those).
     Its receptive field grows with depth (layer l sees l * (block_size - 1) bytes back), so it is not the
     function `strided` computes. The bytes are cut into `streams` contiguous parts run side by side; each part
     first reads the (up to) block_size - 1 bytes before it, unscored. Needs relative positions (RoPE)."""
@@ -164,8 +165,9 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
     inputs, targets, scored, streams = stream_layout(data, a, b, streams, block - 1, device)
     cache = KVCache(cfg, streams, block, chunk, device, dtype=cache_dtype or next(model.parameters()).dtype)
     result = score_streams(model, inputs, targets, scored, chunk, autocast, progress, "cached eval", cache=cache)
-    return result | {"streams": streams, "chunk": chunk,
-                     "protocol": f"cached, window {block}, {streams} streams, chunk {chunk}"}
+    return result | {"streams": streams, "chunk": chunk, "window": cache.window,
+                     "cache_bytes_per_token": cache.bytes_per_token, "cache_bytes_per_stream": cache.bytes_per_stream,
+                     "protocol": f"cached, window {cache.window}, {streams} streams, chunk {chunk}"}
 
 
 @torch.no_grad()
@@ -286,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "strided":
         protocol = {"protocol": "strided", "stride": stride}
     elif args.mode == "cached":
-        protocol = {"protocol": "cached", "window": block, "streams": first["streams"], "chunk": first["chunk"]}
+        protocol = {"protocol": "cached", "window": first["window"], "streams": first["streams"],
+                    "chunk": first["chunk"], "cache_bytes_per_token": first["cache_bytes_per_token"],
+                    "cache_bytes_per_stream": first["cache_bytes_per_stream"]}
     elif args.mode == "memory":
         protocol = {"protocol": "memory", "mem_len": first["mem_len"], "segment": first["segment"],
                     "streams": first["streams"]}
