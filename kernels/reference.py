@@ -15,10 +15,11 @@ IGNORE_INDEX = -100
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x * rsqrt(mean(x*x, -1) + eps) * weight, statistics in fp32, output in x's dtype."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    """x * rsqrt(mean(x*x, -1) + eps) * weight, statistics in fp32 (fp64 for fp64 inputs), output in x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa = x.to(acc)
+    y = xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(acc)).to(x.dtype)
 
 
 def layernorm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

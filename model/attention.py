@@ -5,8 +5,9 @@
 - flash: flash-attn's flash_attn_func (the `flash` extra) on CUDA in fp16/bf16. Where it cannot run (not
          installed, no GPU, fp32 inputs, an explicit mask) it falls back to sdpa, with one logged warning.
 
-`mask` is None for plain causal attention over equal-length q and k, else a boolean (Tq, Tk) tensor, True where
-a query may attend (the KV-cache path uses it for its sliding window).
+`mask` is None for plain causal attention over equal-length q and k, else a boolean (Tq, Tk) tensor (or one per
+head), True where a query may attend (the KV cache's sliding window, sparse patterns). Values may be wider or
+narrower than queries and keys (differential attention, MLA); flash gets equal widths (`with_equal_widths`).
 """
 from __future__ import annotations
 
@@ -41,8 +42,23 @@ def attend_sdpa(q, k, v, mask=None, dropout: float = 0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
 
 
+def with_equal_widths(fn):
+    """`fn` for kernels that need values as wide as queries and keys: wider values go through in slices of that
+    width (one call each, outputs concatenated; with attention dropout each slice draws its own mask), narrower
+    ones padded with zeros (the padding sliced off the output)."""
+    def attend(q, k, v, mask=None, dropout: float = 0.0):
+        width, v_width = q.shape[-1], v.shape[-1]
+        if v_width == width:
+            return fn(q, k, v, mask, dropout)
+        if v_width < width:
+            return fn(q, k, F.pad(v, (0, width - v_width)), mask, dropout)[..., :v_width]
+        return torch.cat([attend(q, k, part, mask, dropout) for part in v.split(width, dim=-1)], dim=-1)
+    return attend
+
+
 def make_flash(fn):
     """The flash backend around flash-attn's flash_attn_func; sdpa where flash-attn cannot run."""
+    @with_equal_widths
     def attend_flash(q, k, v, mask=None, dropout: float = 0.0):
         if mask is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
             warn_once("model.attention=flash needs CUDA fp16/bf16 inputs and no explicit mask; using sdpa there")

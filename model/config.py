@@ -39,6 +39,7 @@ class ModelConfig:
     cmem_len: int = 0  # compressive memory: slots of compressed evicted memories per layer (0 = off; needs mem_len)
     cmem_ratio: int = 4  # compression rate: this many evicted memories -> one slot (1-D conv, kernel = stride)
     cmem_weight: float = 1.0  # weight of the compressor's attention-reconstruction loss (Rae et al. 2019)
+    attn_type: Literal["standard", "differential"] = "standard"  # differential: Ye et al. 2024, n_head/2 heads
     attn_pattern: Literal["dense", "local", "strided", "fixed"] = "dense"  # sparse attention (Child et al. 2019)
     attn_window: int = 128  # local: positions a query sees (itself included); strided: its local heads' band
     attn_stride: int = 32  # strided: step of the strided heads; fixed: block length
@@ -61,6 +62,13 @@ class ModelConfig:
     def attention_span(self) -> int:
         """The farthest back (itself included) any query looks: what a KV cache must keep."""
         return min(self.attn_window, self.block_size) if self.attn_pattern == "local" else self.block_size
+
+    @property
+    def cache_layout(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, width) of the two tensors a KV cache keeps per layer and position: keys, then values."""
+        if self.attn_type == "differential":  # every sub-head's key; one double-width value per head pair
+            return (self.n_head, self.head_dim), (self.n_head // 2, 2 * self.head_dim)
+        return (self.n_head, self.head_dim), (self.n_head, self.head_dim)
 
     @property
     def n_intermediate(self) -> int:
@@ -114,6 +122,15 @@ class ModelConfig:
         if self.attn_pattern != "dense" and self.mem_len:
             out.append(f"model.attn_pattern={self.attn_pattern} is not implemented with a Transformer-XL memory "
                        f"(model.mem_len={self.mem_len}); use attn_pattern=dense")
+        if self.attn_type == "differential":
+            if self.n_head % 2:
+                out.append(f"model.attn_type=differential pairs the heads (n_head/2 differential heads): model.n_head="
+                           f"{self.n_head} must be even")
+            for clash, name in ((self.mem_len, f"model.mem_len={self.mem_len}"),
+                                (self.pos_emb == "xl_relative", "model.pos_emb=xl_relative"),
+                                (self.attn_pattern in ("strided", "fixed"), f"model.attn_pattern={self.attn_pattern}")):
+                if clash:
+                    out.append(f"model.attn_type=differential is not implemented with {name}")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

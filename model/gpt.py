@@ -18,7 +18,8 @@ from kernels.mhce import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.layers import Block, LearnedPositions, NoPositions, XLRelative, make_norm
+from model.block import Block
+from model.layers import LearnedPositions, NoPositions, XLRelative, make_norm
 from model.memory import SegmentMemory
 
 

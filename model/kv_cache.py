@@ -22,9 +22,9 @@ class KVCache:
         self.window, self.chunk = min(window, cfg.attention_span), chunk  # a local pattern keeps its window only
         self.capacity = self.window - 1 + chunk
         self.pattern = make_pattern(cfg)
-        shape = (cfg.n_layer, batch, cfg.n_head, self.capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        (k_heads, k_width), (v_heads, v_width) = cfg.cache_layout
+        self.k = torch.zeros(cfg.n_layer, batch, k_heads, self.capacity, k_width, device=device, dtype=dtype)
+        self.v = torch.zeros(cfg.n_layer, batch, v_heads, self.capacity, v_width, device=device, dtype=dtype)
         self.start, self.length = 0, 0
         # learned tables end at block_size: a stream that runs past it would index beyond them
         self.position_limit = cfg.block_size if cfg.absolute_positions else None
@@ -33,7 +33,7 @@ class KVCache:
     @property
     def bytes_per_token(self) -> int:
         """Cache memory per position of a stream, all layers (keys and values)."""
-        return 2 * self.k[:, 0, :, 0].numel() * self.k.element_size()
+        return (self.k[:, 0, :, 0].numel() + self.v[:, 0, :, 0].numel()) * self.k.element_size()
 
     @property
     def bytes_per_stream(self) -> int:

@@ -71,11 +71,12 @@ class SparsePattern(DensePattern):
     def block_mask(self, T: int, device):
         """FlexAttention's block mask of a T-long window (built once per length and device)."""
         from torch.nn.attention.flex_attention import create_block_mask
+        heads = None if self.kind == "local" else self.n_head  # local: one mask for any number of heads
         if torch.compiler.is_compiling():  # traced into the compiled graph (a few cheap ops), not cached
-            return create_block_mask(self.mask_mod, None, self.n_head, T, T, device=device)
+            return create_block_mask(self.mask_mod, None, heads, T, T, device=device)
         key = (T, str(device))
         if key not in self.block_masks:
-            self.block_masks[key] = create_block_mask(self.mask_mod, None, self.n_head, T, T, device=device)
+            self.block_masks[key] = create_block_mask(self.mask_mod, None, heads, T, T, device=device)
         return self.block_masks[key]
 
 

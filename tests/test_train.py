@@ -115,7 +115,7 @@ def test_profile_writes_a_chrome_trace_of_the_asked_steps(small_corpus, tmp_path
 def test_activation_checkpointing_changes_no_loss_and_no_weight(small_corpus, tmp_path, monkeypatch):
     """With dropout on (the recomputation must replay the same masks) and intermediate heads: the same losses at
     every step and the same final weights, under the same state-dict keys; the blocks do run twice."""
-    from model.layers import Block
+    from model.block import Block
     calls, forward = [], Block.forward
     monkeypatch.setattr(Block, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     runs, block_calls = {}, {}
