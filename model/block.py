@@ -12,9 +12,10 @@ from model.differential import DifferentialAttention
 from model.kv_cache import KVCache
 from model.layers import CausalSelfAttention, LearnedPositions, NoPositions, XLRelative, make_mlp, make_norm
 from model.memory import SegmentMemory
+from model.mla import LatentAttention
 
 # model.attn_type -> the attention module (cfg, layer, relative positions or None)
-ATTENTIONS = {"standard": CausalSelfAttention, "differential": DifferentialAttention}
+ATTENTIONS = {"standard": CausalSelfAttention, "differential": DifferentialAttention, "mla": LatentAttention}
 
 
 class ScaledDropout(nn.Module):

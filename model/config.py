@@ -39,7 +39,12 @@ class ModelConfig:
     cmem_len: int = 0  # compressive memory: slots of compressed evicted memories per layer (0 = off; needs mem_len)
     cmem_ratio: int = 4  # compression rate: this many evicted memories -> one slot (1-D conv, kernel = stride)
     cmem_weight: float = 1.0  # weight of the compressor's attention-reconstruction loss (Rae et al. 2019)
-    attn_type: Literal["standard", "differential"] = "standard"  # differential: Ye et al. 2024, n_head/2 heads
+    attn_type: Literal["standard", "differential", "mla"] = "standard"  # differential: Ye et al.; mla: DeepSeek-V2
+    kv_lora_rank: int = 256  # mla: width of the latent that keys and values come from (what the KV cache keeps)
+    q_lora_rank: int = 0  # mla: width of the low-rank query latent (0 = full-rank queries)
+    rope_head_dim: int = 32  # mla: width of the decoupled rotary part (one rotary key shared by the heads)
+    nope_head_dim: int = 0  # mla: width of each head's non-rotary query/key part (0 = d_model / n_head)
+    v_head_dim: int = 0  # mla: width of each head's value (0 = d_model / n_head)
     attn_pattern: Literal["dense", "local", "strided", "fixed"] = "dense"  # sparse attention (Child et al. 2019)
     attn_window: int = 128  # local: positions a query sees (itself included); strided: its local heads' band
     attn_stride: int = 32  # strided: step of the strided heads; fixed: block length
@@ -64,8 +69,18 @@ class ModelConfig:
         return min(self.attn_window, self.block_size) if self.attn_pattern == "local" else self.block_size
 
     @property
+    def mla_nope_head_dim(self) -> int:
+        return self.nope_head_dim or self.head_dim
+
+    @property
+    def mla_v_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    @property
     def cache_layout(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(heads, width) of the two tensors a KV cache keeps per layer and position: keys, then values."""
+        if self.attn_type == "mla":  # the unrotated shared rotary key, and the latent
+            return (1, self.rope_head_dim), (1, self.kv_lora_rank)
         if self.attn_type == "differential":  # every sub-head's key; one double-width value per head pair
             return (self.n_head, self.head_dim), (self.n_head // 2, 2 * self.head_dim)
         return (self.n_head, self.head_dim), (self.n_head, self.head_dim)
@@ -131,6 +146,16 @@ class ModelConfig:
                                 (self.attn_pattern in ("strided", "fixed"), f"model.attn_pattern={self.attn_pattern}")):
                 if clash:
                     out.append(f"model.attn_type=differential is not implemented with {name}")
+        if self.attn_type == "mla":
+            if self.pos_emb != "rope":
+                out.append(f"model.attn_type=mla carries positions in its decoupled rotary part: set model.pos_emb="
+                           f"rope (got {self.pos_emb})")
+            if self.kv_lora_rank < 1 or self.rope_head_dim < 2 or self.rope_head_dim % 2 or min(
+                    self.q_lora_rank, self.nope_head_dim, self.v_head_dim) < 0:
+                out.append("model.kv_lora_rank must be >= 1, model.rope_head_dim even and >= 2, model.q_lora_rank, "
+                           "nope_head_dim and v_head_dim >= 0")
+            if self.mem_len:
+                out.append(f"model.attn_type=mla is not implemented with model.mem_len={self.mem_len}")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

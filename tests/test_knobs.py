@@ -34,6 +34,8 @@ KNOBS = [
      "model__intermediate_loss": "true", "model__n_layer": "3"},
     {"model__attn_pattern": "fixed", "model__attn_stride": "8", "model__attn_summary": "2", "model__pos_emb": "rope"},
     {"model__attn_type": "differential", "model__pos_emb": "rope"},  # Ye et al. 2024
+    {"model__attn_type": "mla", "model__pos_emb": "rope", "model__kv_lora_rank": "16", "model__rope_head_dim": "8",
+     "model__q_lora_rank": "16"},  # DeepSeek-V2
     {"model__head_bias": "false"},
     {"model__tie_embeddings": "true"},
     {"model__kernels": "triton", "model__norm": "rmsnorm", "model__activation": "swiglu"},  # interpreted on a CPU
