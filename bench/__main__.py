@@ -1,6 +1,6 @@
 """The benchmark suite for the current device, as a table of speed-ups over the reference PyTorch.
 
-    python -m bench [--only train_step eval mhce layernorm rmsnorm swiglu] [--repeat N] [--json PATH]
+    python -m bench [--only train_step eval mhce layernorm rmsnorm swiglu attention] [--repeat N] [--json PATH]
                     [--check [--tolerance X]] [--update-baseline]
 
 Every case is timed against its reference in the same run (the plain reference GPT for training steps, stride-1
@@ -18,13 +18,15 @@ import json
 import sys
 import time
 
-from bench import bench_eval, bench_layernorm, bench_mhce, bench_rmsnorm, bench_swiglu, bench_train_step
+from bench import (bench_attention, bench_eval, bench_layernorm, bench_mhce, bench_rmsnorm, bench_swiglu,
+                   bench_train_step)
 from bench.compare import compare, device_class, failed, load_baseline, median_ratios, ratios, save_baseline
 from bench.compare import verdict_table
 from train.hardware import device_name
 
 SUITES = {"train_step": bench_train_step.suite, "eval": bench_eval.suite, "mhce": bench_mhce.suite,
-          "layernorm": bench_layernorm.suite, "rmsnorm": bench_rmsnorm.suite, "swiglu": bench_swiglu.suite}
+          "layernorm": bench_layernorm.suite, "rmsnorm": bench_rmsnorm.suite, "swiglu": bench_swiglu.suite,
+          "attention": bench_attention.suite}
 DEFAULT_TOLERANCE = 0.10
 
 
@@ -32,7 +34,7 @@ def table(results: list[dict], ratio: dict[str, float]) -> str:
     rows = [f"{'case':<48} {'dtype':<5} {'time':>10} {'vs ref':>7}  more"]
     for r in results:
         more = ", ".join(f"{k}={r[k]:.3g}" for k in ("tokens_per_s", "mfu", "bytes_per_s", "gbps", "of_copy",
-                                                      "peak_extra_mib") if k in r)
+                                                      "peak_extra_mib", "params", "cache_bytes_per_token") if k in r)
         if r.get("timing") in ("graph", "stream"):
             more = ", ".join(filter(None, [more, r["timing"]]))
         vs = f"{ratio[r['name']]:7.3f}" if r["name"] in ratio else f"{'ref':>7}"

@@ -21,7 +21,7 @@ from bench.reference_gpt import ReferenceGPT
 from bench.timing import report, time_per_call
 from model import GPT, head_weights
 from model.gpt import training_flops_per_token
-from train.config import PRESETS, Args
+from train.config import PRESETS, Args, set_value
 from train.guard import StopOnSignal
 from train.hardware import device_name, peak_bf16_flops
 from train.loop import Run
@@ -46,9 +46,12 @@ def matmul_weights(model: torch.nn.Module) -> int:
                if p.dim() >= 2 and not any(k in n for k in ("tok_emb", "pos", "wte", "wpe")))
 
 
-def make_step(preset: str, impl: str, device: str):
-    """(step function, model config, batch size, matmul parameter count) for one implementation."""
+def make_step(preset: str, impl: str, device: str, overrides: dict[str, str] | None = None):
+    """(step function, model config, batch size, matmul parameter count) for one implementation of the preset
+    with dotted `overrides` ({"model.attn_type": "mla"})."""
     run = PRESETS[preset]()
+    for key, value in (overrides or {}).items():
+        set_value(run, key, value)
     cfg = dataclasses.replace(run.model, dropout=0.0, kernels="triton" if impl.endswith("triton") else "torch")
     torch.manual_seed(0)
     model = (ReferenceGPT(cfg) if impl == "reference" else GPT(cfg)).to(device)

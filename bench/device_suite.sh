@@ -6,6 +6,8 @@
 #   bash bench/device_suite.sh [OUT_DIR] --kernels      # a lease of ~4 minutes: the kernels' parity tests and
 #                                                       # benchmarks only (narrowed by BENCH_ONLY="mhce layernorm"
 #                                                       # and PARITY_ONLY="tests/test_mhce.py")
+#   bash bench/device_suite.sh [OUT_DIR] --variants     # a lease of ~8 minutes: the attention variants (#14):
+#                                                       # FlexAttention parity and T12-size steps of each variant
 #
 # Steps: environment; GPU parity tests of every kernel in bf16 and fp32 (and the model, KV cache, attention);
 # the kernel, training-step and evaluator benchmarks (python -m bench); a 1-minute T12 training run with its loss
@@ -23,10 +25,12 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-bench/results/latest}
 DRY=0
 KERNELS=0
+VARIANTS=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-dry-run) DRY=1 ;;
     --kernels) KERNELS=1 ;;
+    --variants) VARIANTS=1 ;;
     *) OUT_DIR=$arg ;;
   esac
 done
@@ -49,7 +53,12 @@ else
                 tests/test_model_kernels.py
                 tests/test_kv_cache.py tests/test_gpu.py"
 fi
-BENCH_ARGS=""
+BENCH_ARGS="--only train_step eval mhce layernorm rmsnorm swiglu"  # the attention variants have their own lease
+if [ "$VARIANTS" = 1 ]; then
+  PARITY_TESTS="tests/test_gpu.py"
+  BENCH_ARGS="--only attention"
+  LIMIT_PARITY=150; LIMIT_BENCH=360
+fi
 if [ "$KERNELS" = 1 ]; then
   PARITY_TESTS=${PARITY_ONLY:-"tests/test_mhce.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_swiglu.py"}
   BENCH_ARGS="--only ${BENCH_ONLY:-mhce layernorm rmsnorm swiglu}"
@@ -80,7 +89,7 @@ tail -60 "$OUT_DIR/bench.txt"
 
 WORK=$(mktemp -d)  # the run folder stays out of OUT_DIR: a T12 checkpoint is ~0.5 GB
 TRAIN=0
-if [ "$KERNELS" = 0 ]; then
+if [ "$KERNELS" = 0 ] && [ "$VARIANTS" = 0 ]; then
   step "$PRESET training for $TRAIN_TIME s"
   timeout -s INT -k 20 $LIMIT_TRAIN $PY -m train --preset=$PRESET --data.source=$DATA --out_dir="$WORK/run" \
     --train.max_time=$TRAIN_TIME --train.max_steps=0 --train.eval_interval=100 --train.full_eval_interval=0 \
@@ -93,7 +102,7 @@ fi
 
 step "summary"
 NO_TRAIN=""
-[ "$KERNELS" = 1 ] && NO_TRAIN="--no-train"
+{ [ "$KERNELS" = 1 ] || [ "$VARIANTS" = 1 ]; } && NO_TRAIN="--no-train"
 # shellcheck disable=SC2086
 $PY -m bench.summary "$OUT_DIR" --parity-rc $PARITY --bench-rc $BENCH --train-rc $TRAIN $NO_TRAIN \
   --train-log "$WORK/train.log" > "$OUT_DIR/summary.md"

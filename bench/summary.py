@@ -51,7 +51,8 @@ def bench_section(out: Path, rc: int) -> list[str]:
              "this run.", "", "| case | dtype | shape | time | speed-up | more |", "|---|---|---|---|---|---|"]
     for r in data["results"]:
         more = ", ".join(f"{k} {r[k]:.3g}" for k in ("tokens_per_s", "mfu", "bytes_per_s", "gbps", "of_copy",
-                                                     "peak_extra_mib", "run_seconds") if k in r)
+                                                     "peak_extra_mib", "run_seconds", "params", "cache_bytes_per_token")
+                        if k in r)
         if r.get("timing") in ("graph", "stream"):
             more = ", ".join(filter(None, [more, f"timed as {r['timing']}"]))
         ratio = f"{ratios[r['name']]:.3f}" if r["name"] in ratios else "reference"
@@ -112,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-rc", type=int, default=0)
     p.add_argument("--train-rc", type=int, default=0)
     p.add_argument("--train-log", type=Path)
-    p.add_argument("--no-train", action="store_true", help="the suite ran without its training step (--kernels)")
+    p.add_argument("--no-train", action="store_true", help="the suite ran without its training step (--kernels, --variants)")
     args = p.parse_args(argv)
     env = (args.out / "env.txt").read_text().strip() if (args.out / "env.txt").exists() else "no env.txt"
     status = "PASSED" if args.parity_rc == 0 else "**FAILED**"
     lines = [f"# charlm device suite: parity {status}", "", "```", env, "```", ""]
     lines += parity_section(args.out, args.parity_rc)
     lines += bench_section(args.out, args.bench_rc)
-    lines += (["## Training run", "", "not run (device_suite.sh --kernels)", ""] if args.no_train
+    lines += (["## Training run", "", "not run (a --kernels or --variants lease)", ""] if args.no_train
               else train_section(args.out, args.train_rc, args.train_log))
     print("\n".join(lines))
     return 0

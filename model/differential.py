@@ -9,8 +9,9 @@ sub-heads 2i and 2i+1) and one value of width 2d:
 
 (l the 1-based layer; lq1, lk1, lq2, lk2 learned vectors of width d per layer, initialised N(0, 0.1)); each head's
 output goes through an RMSNorm over its 2d channels (weights shared by the heads) and is scaled by
-(1 - lambda_init). Each softmax is one call of the configured backend (sdpa, flash, math), so the fast kernels
-still serve it; flash gets values of equal width (model/attention.py). RoPE rotates every sub-head; the KV cache
+(1 - lambda_init). Both softmaxes of every head are one call of the configured backend (sdpa, flash, math) over
+the n_head sub-heads, each pair given its head's value, so the fast kernels still serve it; sdpa and flash take
+the double-width values in two slices of equal width (model/attention.py). RoPE rotates every sub-head; the KV cache
 keeps the H sub-head keys and the H/2 double-width values. Not with Transformer-XL memory or positions, nor with
 the head-splitting sparse patterns (refused by model.errors()).
 """
@@ -64,7 +65,9 @@ class DifferentialAttention(nn.Module):
             self.rotary.cover(T if cache is None else cache.length + T)
             q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
         dropout = self.dropout if self.training else 0.0
-        first, second = (self.pattern.attend(self.attend, q[:, s::2], k[:, s::2], v, mask, dropout) for s in (0, 1))
+        # both softmaxes of every head in one call over the n_head sub-heads, each pair sharing its head's value
+        both = self.pattern.attend(self.attend, q, k, v.repeat_interleave(2, dim=1), mask, dropout)
+        first, second = both.view(B, self.n_head // 2, 2, -1, 2 * self.head_dim).unbind(2)
         y = first - self.lam().to(first.dtype) * second
         y = self.head_norm(y) * (1 - self.lambda_init)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))

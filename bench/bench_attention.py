@@ -1,0 +1,80 @@
+"""The attention variants (#14: sparse patterns, differential attention, multi-head latent attention) in a whole
+training step against standard attention of the same model, measured in the same run: seconds per step, tokens/s,
+the speed-up over standard attention, parameters and KV-cache bytes per token (bf16 on a GPU, fp32 on a CPU).
+
+On a GPU the t12-modern preset (T12 size: 12 layers, d_model 512, context 512, batch 16), compiled, bf16: the sparse
+patterns through FlexAttention's block-sparse kernel. On a CPU the cpu preset, eager, few rounds (sparse patterns
+as dense masks there: they cost, not save). The device suite runs this suite in its own lease (`--variants`): five
+compilations do not fit the main suite's budget.
+
+    python -m bench --only attention
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.bench_train_step import make_step
+from bench.timing import report, time_per_call
+from model import GPT
+from train.config import PRESETS, set_value
+from train.hardware import device_name
+
+# variant -> dotted overrides of the preset; block 512 on a GPU (the windows are fractions of it), 128 on a CPU
+VARIANTS = {
+    "standard": {},
+    "local": {"model.attn_pattern": "local", "model.attn_window": "{block4}"},
+    "strided": {"model.attn_pattern": "strided", "model.attn_window": "{block8}", "model.attn_stride": "{block8}"},
+    "fixed": {"model.attn_pattern": "fixed", "model.attn_stride": "{block8}", "model.attn_summary": "8"},
+    "differential": {"model.attn_type": "differential"},
+    "mla": {"model.attn_type": "mla", "model.kv_lora_rank": "{d2}", "model.rope_head_dim": "{hd2}"},
+}
+
+
+def setting() -> tuple[str, str]:
+    """(preset, implementation) timed on this machine."""
+    return ("t12-modern", "charlm-compiled-triton") if torch.cuda.is_available() else ("cpu", "charlm-eager")
+
+
+def overrides_for(variant: str, preset: str) -> dict[str, str]:
+    model = PRESETS[preset]().model
+    sizes = {"block4": model.block_size // 4, "block8": model.block_size // 8, "d2": model.d_model // 2,
+             "hd2": model.head_dim // 2}
+    return {k: v.format(**sizes) for k, v in VARIANTS[variant].items()}
+
+
+def cache_bytes_per_token(preset: str, overrides: dict[str, str], element_size: int) -> int:
+    """What a KV cache keeps per position of a stream, all layers (model/kv_cache.py's layout)."""
+    cfg = PRESETS[preset]()
+    for key, value in overrides.items():
+        set_value(cfg, key, value)
+    (k_heads, k_width), (v_heads, v_width) = cfg.model.cache_layout
+    return cfg.model.n_layer * (k_heads * k_width + v_heads * v_width) * element_size
+
+
+def run_variant(variant: str, benchmark=None) -> dict:
+    preset, impl = setting()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = overrides_for(variant, preset)
+    step, cfg, batch, _ = make_step(preset, impl, device, overrides)
+    cuda = device == "cuda"
+    seconds = time_per_call(step, [()], calls=10 if cuda else 1, rounds=7 if cuda else 3, warmup=3 if cuda else 1)
+    if benchmark is not None:
+        benchmark.pedantic(step, rounds=3)
+    tokens = batch * cfg.block_size
+    return {"name": f"attention/{variant}", "reference": "attention/standard", "device": device_name(),
+            "dtype": "bf16" if cuda else "fp32", "shape": f"{preset} {cfg.n_layer}L d{cfg.d_model} B{batch} "
+            f"T{cfg.block_size}", "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "params": GPT(cfg).num_params(), "overrides": overrides,
+            "cache_bytes_per_token": cache_bytes_per_token(preset, overrides, 2 if cuda else 4)}
+
+
+def suite() -> list[dict]:
+    return [run_variant(variant) for variant in VARIANTS]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_attention_variant_step(benchmark, variant):
+    result = run_variant(variant, benchmark)
+    benchmark.extra_info.update(result)
+    report(result)
