@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-rc", type=int, default=0)
     p.add_argument("--train-rc", type=int, default=0)
     p.add_argument("--train-log", type=Path)
-    p.add_argument("--no-train", action="store_true", help="the suite ran without its training step (--kernels, --variants)")
+    p.add_argument("--no-train", action="store_true",
+                   help="the suite ran without its training step (--kernels, --variants)")
     args = p.parse_args(argv)
     env = (args.out / "env.txt").read_text().strip() if (args.out / "env.txt").exists() else "no env.txt"
     status = "PASSED" if args.parity_rc == 0 else "**FAILED**"

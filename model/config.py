@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+LOW_RANK_TARGETS = ("qkv", "attn_out", "mlp_in", "mlp_out")  # the projections model.low_rank can factor
+
+
 def default_target_weights(n_targets: int) -> tuple[float, ...]:
     """Al-Rfou et al.'s weights: 1.0 for t+1, 0.5 for every further target."""
     return (1.0,) + (0.5,) * (n_targets - 1)
@@ -49,6 +52,8 @@ class ModelConfig:
     attn_window: int = 128  # local: positions a query sees (itself included); strided: its local heads' band
     attn_stride: int = 32  # strided: step of the strided heads; fixed: block length
     attn_summary: int = 4  # fixed: the last positions of each block that the summary heads see
+    low_rank: int = 0  # rank r of the factored projections W = U V (0 = full matrices)
+    low_rank_targets: tuple[str, ...] = ("qkv", "attn_out", "mlp_in", "mlp_out")  # projections low_rank factors
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
     attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash: flash-attn, else sdpa (warned once)
     kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU, multi-head loss
@@ -156,6 +161,14 @@ class ModelConfig:
                            "nope_head_dim and v_head_dim >= 0")
             if self.mem_len:
                 out.append(f"model.attn_type=mla is not implemented with model.mem_len={self.mem_len}")
+        if self.low_rank < 0:
+            out.append(f"model.low_rank must be >= 0 (got {self.low_rank})")
+        if not self.low_rank_targets or any(t not in LOW_RANK_TARGETS for t in self.low_rank_targets):
+            out.append(f"model.low_rank_targets must be a non-empty list of {', '.join(LOW_RANK_TARGETS)} "
+                       f"(got {','.join(self.low_rank_targets) or 'nothing'})")
+        elif self.low_rank and self.attn_type == "mla" and "qkv" in self.low_rank_targets:
+            out.append("model.low_rank_targets: qkv is not a projection of model.attn_type=mla (its keys and values "
+                       "are low-rank already): leave it out")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

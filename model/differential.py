@@ -26,6 +26,7 @@ from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.layers import RMSNORM_FN, RMSNorm, Rotary
+from model.lowrank import make_linear
 from model.sparse import make_pattern
 
 
@@ -38,8 +39,8 @@ class DifferentialAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, relative=None):
         super().__init__()
         self.layer, self.n_head, self.head_dim, self.dropout = layer, cfg.n_head, cfg.head_dim, cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = make_linear(cfg, "qkv", cfg.d_model, 3 * cfg.d_model, cfg.bias)
+        self.proj = make_linear(cfg, "attn_out", cfg.d_model, cfg.d_model, cfg.bias)
         self.rotary = Rotary(cfg.head_dim, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.attend = resolve_attention(cfg.attention)
         self.pattern = make_pattern(cfg)

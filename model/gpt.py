@@ -20,6 +20,7 @@ from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.block import Block
 from model.layers import LearnedPositions, NoPositions, XLRelative, make_norm
+from model.lowrank import LowRankLinear, init_projection
 from model.memory import SegmentMemory
 
 
@@ -129,10 +130,13 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=std)
+        for module in self.modules():  # low-rank projections: the product at the scale of the full matrix
+            if isinstance(module, LowRankLinear):
+                module.reset(std)
         if cfg.init == "gpt2":
             for block in self.blocks:
                 for proj in block.residual_projections():
-                    nn.init.normal_(proj.weight, std=std / math.sqrt(2 * cfg.n_layer))
+                    init_projection(proj, std / math.sqrt(2 * cfg.n_layer))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once

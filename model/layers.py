@@ -14,6 +14,7 @@ from kernels.reference import rmsnorm_ref, swiglu_packed_ref
 from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
+from model.lowrank import make_linear
 from model.memory import Compressor, SegmentMemory, detached_attention, project_heads
 from model.sparse import make_pattern
 
@@ -77,9 +78,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.fc = make_linear(cfg, "mlp_in", cfg.d_model, cfg.d_ff, cfg.bias)
         self.act = ACTIVATIONS[cfg.activation](cfg.d_ff)
-        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.proj = make_linear(cfg, "mlp_out", cfg.d_ff, cfg.d_model, cfg.bias)
 
     def forward(self, x):
         return self.proj(self.act(self.fc(x)))
@@ -90,8 +91,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.gate_up = make_linear(cfg, "mlp_in", cfg.d_model, 2 * cfg.d_ff, cfg.bias)
+        self.proj = make_linear(cfg, "mlp_out", cfg.d_ff, cfg.d_model, cfg.bias)
         self.fn = SWIGLU[cfg.kernels]
 
     def forward(self, x):
@@ -199,8 +200,8 @@ class CausalSelfAttention(nn.Module):
         self.layer, self.n_head, self.dropout = layer, cfg.n_head, cfg.dropout
         self.relative = relative  # pos_emb=xl_relative: u and v shared by every layer, W_R of this layer
         self.r_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if relative is not None else None
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = make_linear(cfg, "qkv", cfg.d_model, 3 * cfg.d_model, cfg.bias)
+        self.proj = make_linear(cfg, "attn_out", cfg.d_model, cfg.d_model, cfg.bias)
         self.rotary = Rotary(cfg.head_dim, cfg.block_size) if cfg.pos_emb == "rope" else None
         self.attend = resolve_attention(cfg.attention)
         self.pattern = make_pattern(cfg)  # model.attn_pattern: which earlier positions each head sees

@@ -24,6 +24,7 @@ from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
 from model.kv_cache import KVCache
 from model.layers import RMSNORM_FN, RMSNorm, Rotary
+from model.lowrank import make_linear
 from model.sparse import make_pattern
 
 
@@ -44,7 +45,7 @@ class LatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.rank, fn=norm)
         self.k_up = nn.Linear(self.rank, H * self.nope, bias=False)  # W_UK
         self.v_up = nn.Linear(self.rank, H * self.v_dim, bias=False)  # W_UV
-        self.proj = nn.Linear(H * self.v_dim, D, bias=cfg.bias)
+        self.proj = make_linear(cfg, "attn_out", H * self.v_dim, D, cfg.bias)
         self.rotary = Rotary(self.rope, cfg.block_size)
         self.attend = resolve_attention(cfg.attention)
         self.pattern = make_pattern(cfg)

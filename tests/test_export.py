@@ -112,6 +112,7 @@ def test_exported_model_matches_charlm_without_charlm(tmp_path, shape, architect
     (dict(mem_len=16, pos_emb="rope", norm="rmsnorm", activation="swiglu", bias=False), "model.mem_len=16"),
     (dict(pos_emb="rope"), "model.norm=layernorm with rope"),
     (dict(bias=False), "model.bias=false"),
+    (dict(low_rank=8), "model.low_rank=8"),
 ])
 def test_unmappable_features_are_named_in_one_line(tmp_path, shape, feature):
     r = run_cli("--ckpt", str(checkpoint(tmp_path, **shape)), "--to", "hf", "--out", str(tmp_path / "hf"),

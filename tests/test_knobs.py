@@ -36,6 +36,7 @@ KNOBS = [
     {"model__attn_type": "differential", "model__pos_emb": "rope"},  # Ye et al. 2024
     {"model__attn_type": "mla", "model__pos_emb": "rope", "model__kv_lora_rank": "16", "model__rope_head_dim": "8",
      "model__q_lora_rank": "16"},  # DeepSeek-V2
+    {"model__low_rank": "8", "model__low_rank_targets": "qkv,mlp_in,mlp_out"},  # factored projections
     {"model__head_bias": "false"},
     {"model__tie_embeddings": "true"},
     {"model__kernels": "triton", "model__norm": "rmsnorm", "model__activation": "swiglu"},  # interpreted on a CPU

@@ -244,7 +244,9 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
         return f
     if get_origin(typ) is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(_coerce(key, float, v) for v in items if str(v).strip() != "")
+        item_type = get_args(typ)[0]
+        return tuple(_coerce(key, item_type, str(v).strip() if isinstance(v, str) else v)
+                     for v in items if str(v).strip() != "")
     if typ is str:
         if not isinstance(value, str):
             raise bad("expected a string")

@@ -34,6 +34,7 @@ def first_unmappable(cfg: ModelConfig, state: dict) -> tuple[str | None, str]:
               (cfg.attn_type != "standard", f"model.attn_type={cfg.attn_type}"),
               (cfg.attn_pattern != "dense", f"model.attn_pattern={cfg.attn_pattern}"),
               (cfg.mem_len > 0, f"model.mem_len={cfg.mem_len} (Transformer-XL memory)"),
+              (cfg.low_rank > 0, f"model.low_rank={cfg.low_rank} (factored projections)"),
               (cfg.head_bias and bool(state["heads.bias"][cfg.n_intermediate_heads].any()),
                "a non-zero bias in the t+1 head (train with model.head_bias=false to export)")]
     if target == "gpt2":
@@ -65,7 +66,8 @@ def gpt2_model(cfg: ModelConfig, state: dict):
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
         for a, b in [("norm1", "ln_1"), ("norm2", "ln_2")]:
-            out[theirs + b + ".weight"], out[theirs + b + ".bias"] = state[ours + a + ".weight"], state[ours + a + ".bias"]
+            for kind in ("weight", "bias"):
+                out[f"{theirs}{b}.{kind}"] = state[f"{ours}{a}.{kind}"]
         for a, b in [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
                      ("mlp.proj", "mlp.c_proj")]:  # GPT-2's Conv1D keeps weights as (in, out)
             out[theirs + b + ".weight"] = state[ours + a + ".weight"].t()
@@ -90,7 +92,8 @@ def llama_model(cfg: ModelConfig, state: dict):
         out |= {theirs + "input_layernorm.weight": state[ours + "norm1.weight"],
                 theirs + "post_attention_layernorm.weight": state[ours + "norm2.weight"],
                 theirs + "self_attn.q_proj.weight": q, theirs + "self_attn.k_proj.weight": k,
-                theirs + "self_attn.v_proj.weight": v, theirs + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
+                theirs + "self_attn.v_proj.weight": v,
+                theirs + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
                 theirs + "mlp.gate_proj.weight": gate, theirs + "mlp.up_proj.weight": up,
                 theirs + "mlp.down_proj.weight": state[ours + "mlp.proj.weight"]}
     return LlamaForCausalLM(config), out
