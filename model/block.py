@@ -13,6 +13,7 @@ from model.kv_cache import KVCache
 from model.layers import CausalSelfAttention, LearnedPositions, NoPositions, XLRelative, make_mlp, make_norm
 from model.memory import SegmentMemory
 from model.mla import LatentAttention
+from model.moe import MoE
 
 # model.attn_type -> the attention module (cfg, layer, relative positions or None)
 ATTENTIONS = {"standard": CausalSelfAttention, "differential": DifferentialAttention, "mla": LatentAttention}
@@ -46,7 +47,8 @@ class Block(nn.Module):
         per_layer = cfg.pos_emb == "learned_per_layer"
         self.pos = LearnedPositions(cfg.block_size, cfg.d_model) if per_layer else NoPositions()
         self.norm1, self.attn = make_norm(cfg, cfg.d_model), ATTENTIONS[cfg.attn_type](cfg, layer, relative)
-        self.norm2, self.mlp = make_norm(cfg, cfg.d_model), make_mlp(cfg)
+        moe = cfg.moe_experts and (layer + 1) % cfg.moe_every == 0  # MoE in every moe_every-th block
+        self.norm2, self.mlp = make_norm(cfg, cfg.d_model), MoE(cfg) if moe else make_mlp(cfg)
         self.branch = make_branch(cfg)  # dropout and residual scale
 
     def forward(self, x, cache: KVCache | None = None, positions: torch.Tensor | None = None,
@@ -55,6 +57,6 @@ class Block(nn.Module):
         x = x + self.branch(self.attn(self.norm1(x), cache, memory))
         return x + self.branch(self.mlp(self.norm2(x)))
 
-    def residual_projections(self) -> list[nn.Linear]:
+    def residual_projections(self) -> list[nn.Module | nn.Parameter]:
         """The layers that write into the residual stream (scaled down by init=gpt2)."""
         return [self.attn.proj, self.mlp.proj]

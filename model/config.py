@@ -52,6 +52,14 @@ class ModelConfig:
     attn_window: int = 128  # local: positions a query sees (itself included); strided: its local heads' band
     attn_stride: int = 32  # strided: step of the strided heads; fixed: block length
     attn_summary: int = 4  # fixed: the last positions of each block that the summary heads see
+    moe_experts: int = 0  # routed experts of a mixture-of-experts MLP (0 = dense MLP)
+    moe_top_k: int = 2  # experts each token is routed to
+    moe_expert_dim: int = 0  # hidden width of each expert (0 = d_ff)
+    moe_shared: int = 0  # always-on shared experts (DeepSeekMoE), each moe_expert_dim wide
+    moe_every: int = 1  # MoE in every k-th block (the others keep the dense MLP)
+    moe_balance: Literal["aux_loss", "bias"] = "aux_loss"  # Switch auxiliary loss | DeepSeek-V3 loss-free bias
+    moe_aux_weight: float = 0.01  # weight of the auxiliary balance loss (moe_balance=aux_loss)
+    moe_bias_rate: float = 0.001  # step of the routing-bias update after every step (moe_balance=bias)
     low_rank: int = 0  # rank r of the factored projections W = U V (0 = full matrices)
     low_rank_targets: tuple[str, ...] = ("qkv", "attn_out", "mlp_in", "mlp_out")  # projections low_rank factors
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
@@ -169,6 +177,14 @@ class ModelConfig:
         elif self.low_rank and self.attn_type == "mla" and "qkv" in self.low_rank_targets:
             out.append("model.low_rank_targets: qkv is not a projection of model.attn_type=mla (its keys and values "
                        "are low-rank already): leave it out")
+        if self.moe_experts < 0 or min(self.moe_expert_dim, self.moe_shared, self.moe_aux_weight,
+                                       self.moe_bias_rate) < 0 or self.moe_every < 1:
+            out.append("model.moe_experts, moe_expert_dim, moe_shared, moe_aux_weight and moe_bias_rate must be >= 0, "
+                       "model.moe_every >= 1")
+        elif self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
+            out.append(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}")
+        elif self.moe_experts and self.activation == "solu":
+            out.append("model.activation=solu is not implemented for experts (model.moe_experts > 0)")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

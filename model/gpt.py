@@ -22,6 +22,7 @@ from model.block import Block
 from model.layers import LearnedPositions, NoPositions, XLRelative, make_norm
 from model.lowrank import LowRankLinear, init_projection
 from model.memory import SegmentMemory
+from model.moe import MoE
 
 
 def shifted_targets(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -118,6 +119,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer, self.relative) for layer in range(cfg.n_layer))
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.heads = Heads(cfg)
+        self.moe_layers = [m for m in self.blocks.modules() if isinstance(m, MoE)]  # their balance loss joins ours
         if cfg.tie_embeddings:
             self.heads.main = self.tok_emb.weight
         self.reset_parameters()
@@ -186,6 +188,8 @@ class GPT(nn.Module):
                                    ignore_index=IGNORE_INDEX)
             return loss, loss.detach()[None]
         loss, per_head = self.heads.loss(inter_h, h, targets, head_weights)
+        for moe in self.moe_layers:  # the auxiliary balance loss (0 with bias balancing, or in evaluation)
+            loss = loss + moe.routing.loss
         if memory is not None:  # the compressive memory's reconstruction loss (zero for a plain memory)
             loss = loss + memory.take_loss()
         return loss, per_head

@@ -48,12 +48,13 @@ def make_linear(cfg: ModelConfig, target: str, in_features: int, out_features: i
     return nn.Linear(in_features, out_features, bias=bias)
 
 
-def init_projection(module: nn.Module, std: float) -> None:
-    """Entries N(0, std) for a full projection, the same scale for the product of a low-rank one."""
-    if isinstance(module, LowRankLinear):
-        module.reset(std)
+def init_projection(projection: nn.Module | nn.Parameter, std: float) -> None:
+    """Entries N(0, std) for a full projection (a module, or the experts' stacked weights), the same scale for the
+    product of a low-rank one."""
+    if isinstance(projection, LowRankLinear):
+        projection.reset(std)
     else:
-        nn.init.normal_(module.weight, std=std)
+        nn.init.normal_(projection if isinstance(projection, nn.Parameter) else projection.weight, std=std)
 
 
 @torch.no_grad()

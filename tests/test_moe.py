@@ -1,0 +1,146 @@
+"""Mixture of experts (model.moe_experts): one expert with top-1 is the dense MLP; the sorted, padded dispatch equals
+the loop over experts (outputs and every gradient) and compiles with fullgraph; the router learns; the balance
+loss; bias balancing evens out a skewed router; layout knobs; and a short training run logging expert loads."""
+import math
+
+import pytest
+import torch
+
+from conftest import read_metrics, tiny_config
+from model import GPT, ModelConfig
+from model.layers import make_mlp
+from model.moe import MoE
+from train.config import Args
+from train.loop import train
+
+
+def small(**kw) -> ModelConfig:
+    return ModelConfig(**{**dict(n_layer=2, n_head=2, d_model=20, d_ff=36, block_size=11, moe_experts=5,
+                                 moe_top_k=2, moe_expert_dim=12), **kw})
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
+def test_one_expert_with_top_1_is_the_dense_mlp(activation):
+    torch.manual_seed(0)
+    cfg = small(moe_experts=1, moe_top_k=1, moe_expert_dim=0, activation=activation, bias=False)
+    moe, dense = MoE(cfg), make_mlp(cfg)
+    with torch.no_grad():
+        for p in (*moe.parameters(), *dense.parameters()):
+            p.normal_()
+        first = dense.gate_up if activation == "swiglu" else dense.fc
+        moe.fc.copy_(first.weight.t()[None])
+        moe.proj.copy_(dense.proj.weight.t()[None])
+    x = torch.randn(3, 11, 20)
+    torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,shared", [(1, 0), (2, 1), (3, 2)])
+def test_dispatch_equals_the_loop_over_experts_with_every_gradient(top_k, shared):
+    torch.manual_seed(1)
+    moe = MoE(small(moe_top_k=top_k, moe_shared=shared)).double()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.3)
+    x = torch.randn(37, 20, dtype=torch.float64, requires_grad=True)
+    params = [x, moe.fc, moe.proj, moe.router.weight]
+
+    def run(fn):
+        _, choice, gates = moe.route(x)
+        out = fn(x, choice, gates)
+        return [out, *torch.autograd.grad(out, params, grad_out)]
+    grad_out = torch.randn(37, 20, dtype=torch.float64)
+    fast, loop = run(moe.dispatch), run(moe.reference)
+    for name, a, b in zip(["out", "x", "fc", "proj", "router"], fast, loop):
+        assert b.abs().max() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_the_dispatch_compiles_with_fullgraph():
+    torch.manual_seed(2)
+    moe = MoE(small())
+    x = torch.randn(2, 11, 20)
+    compiled = torch.compile(moe, fullgraph=True)
+    torch.testing.assert_close(compiled(x), moe(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_balance_loss_and_router_gradients():
+    """E * sum_i f_i P_i from the routed counts and the mean probabilities; at aux_weight w it joins the model's
+    loss, and the router gets gradient from the gates and from it."""
+    torch.manual_seed(3)
+    model = GPT(small(moe_aux_weight=0.5))
+    x, y = torch.randint(0, 256, (4, 11)), torch.randint(0, 256, (4, 11))
+    loss, _ = model(x, y, torch.tensor([1.0]))
+    moe = model.moe_layers[0]
+    h = model.blocks[0].norm2(model.blocks[0].attn(model.blocks[0].norm1(model.pos_emb(model.tok_emb(x)))) +
+                              model.pos_emb(model.tok_emb(x))).reshape(-1, 20)
+    probs, choice, _ = moe.route(h)
+    f = torch.bincount(choice.flatten(), minlength=5).float() / choice.numel()
+    expected = 5 * (f * probs.mean(0)).sum()
+    assert torch.equal(moe.routing.counts, torch.bincount(choice.flatten(), minlength=5).float())
+    torch.testing.assert_close(moe.routing.balance, expected.detach(), rtol=1e-5, atol=1e-6)
+    plain, _ = model(x, y, None)  # evaluation path: no balance loss
+    assert float(loss) > float(plain)
+    loss.backward()
+    assert all(float(m.router.weight.grad.abs().max()) > 0 for m in model.moe_layers)
+
+
+def test_bias_balancing_evens_out_a_skewed_router():
+    """A router that sends most tokens to expert 0 (max/mean load ~2.4): after 300 updates of 0.002 the loads are
+    near even (sign updates keep oscillating by about one step), the gates untouched by the bias."""
+    torch.manual_seed(4)
+    moe = MoE(small(moe_balance="bias"))
+    with torch.no_grad():
+        moe.router.weight.normal_(std=0.2)
+        moe.router.weight[0] += 0.3
+    x = torch.randn(2000, 20) + 0.5
+
+    def max_over_mean():
+        counts = torch.bincount(moe.route(x)[1].flatten(), minlength=5).float()
+        return float(counts.max() / counts.mean()), counts
+    before, counts = max_over_mean()
+    probs_before = moe.route(x)[0]
+    history = []
+    for _ in range(300):
+        moe.update_bias(counts, rate=0.002)
+        after, counts = max_over_mean()
+        history.append(after)
+    assert before > 2.0 and sum(history[-50:]) / 50 < 1.3
+    assert torch.equal(moe.route(x)[0], probs_before)  # the bias moves the choice, not the probabilities
+    assert float(moe.route_bias.abs().max()) > 0 and "route_bias" in moe.state_dict()
+
+
+def test_moe_every_and_parameters():
+    model = GPT(small(n_layer=4, moe_every=2, moe_shared=1))
+    kinds = [type(block.mlp).__name__ for block in model.blocks]
+    assert kinds == ["MLP", "MoE", "MLP", "MoE"]
+    per_moe = 20 * 5 + 5 * (20 * 12 + 12 * 20) + (20 * 12 + 12 + 12 * 20 + 20)  # router, experts, shared (biases)
+    dense = GPT(small(n_layer=4, moe_experts=0))
+    dense_mlp = 20 * 36 + 36 + 36 * 20 + 20
+    assert model.num_params() == dense.num_params() + 2 * (per_moe - dense_mlp)
+
+
+@pytest.mark.parametrize("balance", ["aux_loss", "bias"])
+def test_a_short_run_logs_expert_loads(balance, small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, tmp_path / "run", model__moe_experts="4", model__moe_top_k="2",
+                      model__moe_balance=balance, train__max_steps="60", train__log_interval="10")
+    train(Args(cfg, "tiny"))
+    lines = [r for r in read_metrics(tmp_path / "run") if "moe/load" in r]
+    assert len(lines) == 6
+    for r in lines:
+        assert len(r["moe/load"]) == 4 and math.isclose(sum(r["moe/load"]), 1.0, abs_tol=1e-3)
+        assert r["moe/load_max_over_mean"] >= 1.0 and r["moe/balance_loss"] > 0
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run") if "train_loss" in r]
+    assert losses[-1] < losses[0] - 0.5
+    state = torch.load(tmp_path / "run" / "ckpt.pt")["model"]
+    biases = [v for k, v in state.items() if k.endswith("route_bias")]
+    assert len(biases) == 2 and (any(float(b.abs().max()) > 0 for b in biases) == (balance == "bias"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(moe_top_k=6), "model.moe_top_k=6 must be between 1 and model.moe_experts=5"),
+    (dict(moe_every=0), "model.moe_every >= 1"),
+    (dict(activation="solu"), "solu is not implemented for experts"),
+])
+def test_bad_settings_are_one_line_errors(overrides, message):
+    errors = small(**overrides).errors()
+    assert len(errors) == 1 and message in errors[0], errors
