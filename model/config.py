@@ -60,6 +60,10 @@ class ModelConfig:
     moe_balance: Literal["aux_loss", "bias"] = "aux_loss"  # Switch auxiliary loss | DeepSeek-V3 loss-free bias
     moe_aux_weight: float = 0.01  # weight of the auxiliary balance loss (moe_balance=aux_loss)
     moe_bias_rate: float = 0.001  # step of the routing-bias update after every step (moe_balance=bias)
+    hourglass: tuple[int, ...] = ()  # hourglass: blocks at full / shortened / full resolution, e.g. 2,4,2 (empty: off)
+    shorten_factor: int = 2  # hourglass: positions pooled into one shortened position
+    hourglass_pool: Literal["avg", "linear"] = "avg"  # hourglass: shortening by average or a linear map of the group
+    hourglass_upsample: Literal["repeat", "linear"] = "repeat"  # hourglass: back to full resolution
     low_rank: int = 0  # rank r of the factored projections W = U V (0 = full matrices)
     low_rank_targets: tuple[str, ...] = ("qkv", "attn_out", "mlp_in", "mlp_out")  # projections low_rank factors
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
@@ -100,8 +104,11 @@ class ModelConfig:
 
     @property
     def n_intermediate(self) -> int:
-        """Layers with intermediate classifier heads: every block but the last."""
-        return self.n_layer - 1 if self.intermediate_loss else 0
+        """Layers with intermediate classifier heads: every block but the last (hourglass: every full-resolution
+        block but the last)."""
+        if not self.intermediate_loss:
+            return 0
+        return self.hourglass[0] + self.hourglass[-1] - 1 if self.hourglass else self.n_layer - 1
 
     @property
     def n_intermediate_heads(self) -> int:
@@ -185,6 +192,16 @@ class ModelConfig:
             out.append(f"model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}")
         elif self.moe_experts and self.activation == "solu":
             out.append("model.activation=solu is not implemented for experts (model.moe_experts > 0)")
+        if self.hourglass:
+            layout = ",".join(map(str, self.hourglass))
+            if len(self.hourglass) != 3 or min(self.hourglass) < 1 or sum(self.hourglass) != self.n_layer:
+                out.append(f"model.hourglass={layout} must be three block counts >= 1 (full, shortened, full "
+                           f"resolution) adding up to model.n_layer={self.n_layer}")
+            elif self.shorten_factor < 2 or self.block_size % self.shorten_factor:
+                out.append(f"model.shorten_factor={self.shorten_factor} must be >= 2 and divide model.block_size="
+                           f"{self.block_size}")
+            elif self.mem_len:
+                out.append(f"model.hourglass is not implemented with model.mem_len={self.mem_len}")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kernels.mhce import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from model.config import ModelConfig
+from model.hourglass import make_stack
 from model.kv_cache import KVCache
 from model.block import Block
 from model.layers import LearnedPositions, NoPositions, XLRelative, make_norm
@@ -117,6 +118,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.relative = XLRelative(cfg) if cfg.pos_emb == "xl_relative" else None  # shared by every layer
         self.blocks = nn.ModuleList(Block(cfg, layer, self.relative) for layer in range(cfg.n_layer))
+        self.stack = make_stack(cfg)  # how the blocks run: in a row, or as an hourglass
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.heads = Heads(cfg)
         self.moe_layers = [m for m in self.blocks.modules() if isinstance(m, MoE)]  # their balance loss joins ours
@@ -171,11 +173,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} bytes exceeds block_size={self.cfg.block_size}")
         with_inter = head_weights is not None and len(head_weights) > self.cfg.n_targets
         x = self.drop(self.pos_emb(self.tok_emb(idx), positions))
-        inter_h = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache, positions, memory)
-            if with_inter and i < self.heads.n_inter_layers:
-                inter_h.append(x)
+        x, inter_h = self.stack(self.blocks, x, with_inter, cache, positions, memory)
         h = self.norm_f(x)
         if cache is not None:
             cache.advance(T)

@@ -17,6 +17,9 @@ from model.sparse import make_pattern
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, window: int, chunk: int, device, dtype=torch.float32):
         """window: how many positions a query sees (itself included); chunk: most positions per forward pass."""
+        if cfg.hourglass:
+            raise ValueError("model.hourglass has no KV cache (its shortened blocks see groups of positions): "
+                             "evaluate with --mode strided, sample with --no_cache")
         if not 1 <= window <= cfg.block_size or not 1 <= chunk <= cfg.block_size:
             raise ValueError(f"window ({window}) and chunk ({chunk}) must be in [1, block_size={cfg.block_size}]")
         self.window, self.chunk = min(window, cfg.attention_span), chunk  # a local pattern keeps its window only

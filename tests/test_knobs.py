@@ -40,6 +40,8 @@ KNOBS = [
     {"model__moe_experts": "4", "model__moe_top_k": "2", "model__moe_shared": "1", "model__moe_expert_dim": "32"},
     {"model__moe_experts": "4", "model__moe_balance": "bias", "model__activation": "swiglu", "model__moe_every": "2",
      "train__compile": "true"},  # loss-free balancing, SwiGLU experts, compiled (fullgraph routing)
+    {"model__n_layer": "4", "model__hourglass": "1,2,1", "model__shorten_factor": "4", "model__hourglass_pool": "linear",
+     "model__intermediate_loss": "true"},  # hourglass (Nawrot et al. 2022)
     {"model__head_bias": "false"},
     {"model__tie_embeddings": "true"},
     {"model__kernels": "triton", "model__norm": "rmsnorm", "model__activation": "swiglu"},  # interpreted on a CPU

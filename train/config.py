@@ -284,7 +284,9 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
 def to_dict(cfg: Config) -> dict:
     """Plain JSON-able data, one object per section."""
     d = dataclasses.asdict(cfg)
-    d["model"]["target_weights"] = list(cfg.model.target_weights)
+    for section in d.values():
+        if isinstance(section, dict):
+            section.update({k: list(v) for k, v in section.items() if isinstance(v, tuple)})  # JSON's arrays
     return d
 
 

@@ -160,6 +160,8 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
     if cfg.absolute_positions:
         raise ConfigError(f"--mode cached needs relative positions (model.pos_emb=rope); this model uses "
                           f"pos_emb={cfg.pos_emb}, whose absolute positions end at block_size: use --mode strided")
+    if cfg.hourglass:
+        raise ConfigError("--mode cached needs a KV cache, which model.hourglass does not have: use --mode strided")
     block = cfg.block_size
     chunk = min(chunk or block, block)
     inputs, targets, scored, streams = stream_layout(data, a, b, streams, block - 1, device)

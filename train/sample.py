@@ -36,6 +36,7 @@ def generate(model, prompt: bytes, n_tokens: int, temperature: float = 1.0, top_
     block = model.cfg.block_size
     keep = max(1, block // 2)
     seq = list(prompt) or [ord("\n")]
+    use_cache = use_cache and not model.cfg.hourglass  # no KV cache for an hourglass: windows are recomputed
     if use_cache and model.cfg.mem_len and not model.cfg.cmem_len:
         return generate_with_memory(model, seq, n_tokens, temperature, top_k, generator, progress)
     cache = KVCache(model.cfg, 1, block, block, device) if use_cache else None
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write((prompt + out).decode("utf-8", errors="replace") + "\n")
     uses_memory = model.cfg.mem_len and not model.cfg.cmem_len
     print(f"[{args.tokens} bytes in {dt:.2f} s: {args.tokens / max(dt, 1e-9):.1f} bytes/s, "
-          f"{'no cache' if args.no_cache else 'memory' if uses_memory else 'KV cache'}]", file=sys.stderr)
+          f"{'no cache' if args.no_cache or model.cfg.hourglass else 'memory' if uses_memory else 'KV cache'}]",
+          file=sys.stderr)
     return 0
 
 
