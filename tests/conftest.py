@@ -20,6 +20,14 @@ from train.data import sample_path
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Every test compiles from scratch: dynamo's recompile limit (8 per code object) counts over the whole process,
+    so the compiled models of earlier tests would use up a later test's allowance (fatal under fullgraph=True)."""
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(scope="session")
 def sample_file() -> Path:
     """The unpacked gensim sample (6,089,746 bytes) in the repository's data/ folder, where the trainer keeps it
