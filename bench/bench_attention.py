@@ -17,7 +17,8 @@ import torch
 from bench.bench_train_step import make_step
 from bench.timing import report, time_per_call
 from model import GPT
-from train.config import PRESETS, set_value
+from model.kv_cache import cache_bytes_per_token
+from train.config import PRESETS
 from train.hardware import device_name
 
 # variant -> dotted overrides of the preset; block 512 on a GPU (the windows are fractions of it), 128 on a CPU
@@ -43,15 +44,6 @@ def overrides_for(variant: str, preset: str) -> dict[str, str]:
     return {k: v.format(**sizes) for k, v in VARIANTS[variant].items()}
 
 
-def cache_bytes_per_token(preset: str, overrides: dict[str, str], element_size: int) -> int:
-    """What a KV cache keeps per position of a stream, all layers (model/kv_cache.py's layout)."""
-    cfg = PRESETS[preset]()
-    for key, value in overrides.items():
-        set_value(cfg, key, value)
-    (k_heads, k_width), (v_heads, v_width) = cfg.model.cache_layout
-    return cfg.model.n_layer * (k_heads * k_width + v_heads * v_width) * element_size
-
-
 def run_variant(variant: str, benchmark=None) -> dict:
     preset, impl = setting()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,7 +58,7 @@ def run_variant(variant: str, benchmark=None) -> dict:
             "dtype": "bf16" if cuda else "fp32", "shape": f"{preset} {cfg.n_layer}L d{cfg.d_model} B{batch} "
             f"T{cfg.block_size}", "seconds": seconds, "tokens_per_s": tokens / seconds,
             "params": GPT(cfg).num_params(), "overrides": overrides,
-            "cache_bytes_per_token": cache_bytes_per_token(preset, overrides, 2 if cuda else 4)}
+            "cache_bytes_per_token": cache_bytes_per_token(cfg, 2 if cuda else 4)}
 
 
 def suite() -> list[dict]:

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, through_cache
 from model.layers import RMSNORM_FN, RMSNorm, Rotary
 from model.lowrank import make_linear
 from model.sparse import make_pattern
@@ -58,12 +58,9 @@ class DifferentialAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # sub-heads 2i, 2i+1: head i's pairs
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head // 2, 2 * self.head_dim).transpose(1, 2)
-        q_pos = k_pos = mask = None
-        if cache is not None:
-            k, v, k_pos, mask = cache.update(self.layer, k, v)
-            q_pos = k_pos[-T:]
+        k, v, q_pos, k_pos, mask = through_cache(cache, self.layer, k, v)
         if self.rotary is not None:
-            self.rotary.cover(T if cache is None else cache.length + T)
+            self.rotary.cover(k.shape[-2])
             q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
         dropout = self.dropout if self.training else 0.0
         # both softmaxes of every head in one call over the n_head sub-heads, each pair sharing its head's value

@@ -14,6 +14,23 @@ from model.config import ModelConfig
 from model.sparse import make_pattern
 
 
+def through_cache(cache: "KVCache | None", layer: int, k: torch.Tensor, v: torch.Tensor):
+    """(k, v, query positions, key positions, mask) for one layer's attention: with a cache, every cached key and
+    value of the layer (the new ones appended), positions relative to the cache's first slot and what each new
+    query may attend; without one, k and v as given and None for the rest (causal attention over the window)."""
+    if cache is None:
+        return k, v, None, None, None
+    new = k.shape[-2]
+    k, v, k_pos, mask = cache.update(layer, k, v)
+    return k, v, k_pos[-new:], k_pos, mask
+
+
+def cache_bytes_per_token(cfg: ModelConfig, element_size: int) -> int:
+    """What a KV cache keeps per position of a stream, all layers (keys and values, in cfg.cache_layout)."""
+    (k_heads, k_width), (v_heads, v_width) = cfg.cache_layout
+    return cfg.n_layer * (k_heads * k_width + v_heads * v_width) * element_size
+
+
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, window: int, chunk: int, device, dtype=torch.float32):
         """window: how many positions a query sees (itself included); chunk: most positions per forward pass."""
@@ -28,7 +45,7 @@ class KVCache:
         (k_heads, k_width), (v_heads, v_width) = cfg.cache_layout
         self.k = torch.zeros(cfg.n_layer, batch, k_heads, self.capacity, k_width, device=device, dtype=dtype)
         self.v = torch.zeros(cfg.n_layer, batch, v_heads, self.capacity, v_width, device=device, dtype=dtype)
-        self.start, self.length = 0, 0
+        self.cfg, self.start, self.length = cfg, 0, 0
         # learned tables end at block_size: a stream that runs past it would index beyond them
         self.position_limit = cfg.block_size if cfg.absolute_positions else None
         self.pos_emb = cfg.pos_emb
@@ -36,7 +53,7 @@ class KVCache:
     @property
     def bytes_per_token(self) -> int:
         """Cache memory per position of a stream, all layers (keys and values)."""
-        return (self.k[:, 0, :, 0].numel() + self.v[:, 0, :, 0].numel()) * self.k.element_size()
+        return cache_bytes_per_token(self.cfg, self.k.element_size())
 
     @property
     def bytes_per_stream(self) -> int:

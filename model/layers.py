@@ -13,7 +13,7 @@ import kernels
 from kernels.reference import rmsnorm_ref, swiglu_packed_ref
 from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, through_cache
 from model.lowrank import make_linear
 from model.memory import Compressor, SegmentMemory, detached_attention, project_heads
 from model.sparse import make_pattern
@@ -48,8 +48,8 @@ class LayerNorm(nn.Module):
 
 # (model.norm, model.kernels) -> the norm module
 RMSNORM_FN = {"torch": rmsnorm_ref, "triton": kernels.rmsnorm}  # model.kernels -> the RMSNorm function
-NORMS = {("rmsnorm", "torch"): lambda cfg, dim: RMSNorm(dim, fn=rmsnorm_ref),
-         ("rmsnorm", "triton"): lambda cfg, dim: RMSNorm(dim, fn=kernels.rmsnorm),
+NORMS = {("rmsnorm", "torch"): lambda cfg, dim: RMSNorm(dim, fn=RMSNORM_FN["torch"]),
+         ("rmsnorm", "triton"): lambda cfg, dim: RMSNorm(dim, fn=RMSNORM_FN["triton"]),
          ("layernorm", "torch"): lambda cfg, dim: nn.LayerNorm(dim, bias=cfg.bias),
          ("layernorm", "triton"): lambda cfg, dim: LayerNorm(dim, bias=cfg.bias)}
 
@@ -212,13 +212,9 @@ class CausalSelfAttention(nn.Module):
         if memory is not None:
             return self.forward_with_memory(x, memory)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        if cache is None:
-            q_pos = k_pos = mask = None
-        else:  # keys are cached unrotated; positions are relative to the cache's first slot
-            k, v, k_pos, mask = cache.update(self.layer, k, v)
-            q_pos = k_pos[-T:]
-        span = T if cache is None else cache.length + T
-        y = self.mix(q, k, v, q_pos, k_pos, mask, span)
+        # keys are cached unrotated; positions are relative to the cache's first slot
+        k, v, q_pos, k_pos, mask = through_cache(cache, self.layer, k, v)
+        y = self.mix(q, k, v, q_pos, k_pos, mask, k.shape[-2])
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def mix(self, q, k, v, q_pos, k_pos, mask, span: int):

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from model.attention import resolve as resolve_attention
 from model.config import ModelConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, through_cache
 from model.layers import RMSNORM_FN, RMSNorm, Rotary
 from model.lowrank import make_linear
 from model.sparse import make_pattern
@@ -57,10 +57,8 @@ class LatentAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_down(x).split([self.rank, self.rope], dim=-1)
         latent, k_rope = self.kv_norm(latent)[:, None], k_rope[:, None]  # (B, 1, T, width): one "head"
-        q_pos = k_pos = mask = None
-        if cache is not None:  # cached: the latent and the unrotated rotary key only
-            k_rope, latent, k_pos, mask = cache.update(self.layer, k_rope, latent)
-            q_pos = k_pos[-T:]
+        # cached: the latent and the unrotated rotary key only
+        k_rope, latent, q_pos, k_pos, mask = through_cache(cache, self.layer, k_rope, latent)
         self.rotary.cover(k_rope.shape[-2])
         q_rope, k_rope = self.rotary(q_rope, q_pos), self.rotary(k_rope, k_pos)
         dropout = self.dropout if self.training else 0.0
