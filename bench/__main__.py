@@ -21,7 +21,7 @@ import time
 from bench import (bench_attention, bench_eval, bench_layernorm, bench_mhce, bench_rmsnorm, bench_swiglu,
                    bench_train_step)
 from bench.compare import compare, device_class, failed, load_baseline, median_ratios, ratios, save_baseline
-from bench.compare import verdict_table
+from bench.compare import extra_fields, verdict_table
 from train.hardware import device_name
 
 SUITES = {"train_step": bench_train_step.suite, "eval": bench_eval.suite, "mhce": bench_mhce.suite,
@@ -33,10 +33,7 @@ DEFAULT_TOLERANCE = 0.10
 def table(results: list[dict], ratio: dict[str, float]) -> str:
     rows = [f"{'case':<48} {'dtype':<5} {'time':>10} {'vs ref':>7}  more"]
     for r in results:
-        more = ", ".join(f"{k}={r[k]:.3g}" for k in ("tokens_per_s", "mfu", "bytes_per_s", "gbps", "of_copy",
-                                                      "peak_extra_mib", "params", "cache_bytes_per_token") if k in r)
-        if r.get("timing") in ("graph", "stream"):
-            more = ", ".join(filter(None, [more, r["timing"]]))
+        more = extra_fields(r)
         vs = f"{ratio[r['name']]:7.3f}" if r["name"] in ratio else f"{'ref':>7}"
         rows.append(f"{r['name']:<48} {r['dtype']:<5} {r['seconds'] * 1e3:8.3f}ms {vs}  {more}")
     return "\n".join(rows)

@@ -17,6 +17,18 @@ def device_class(device_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
+EXTRA_KEYS = ("tokens_per_s", "mfu", "bytes_per_s", "gbps", "of_copy", "peak_extra_mib", "run_seconds", "params",
+              "cache_bytes_per_token")  # a result's optional numbers, in the order the tables show them
+
+
+def extra_fields(result: dict, sep: str = "=", timing_prefix: str = "") -> str:
+    """A result's optional numbers as 'key=value, ...' (and how it was timed, when by CUDA graph or stream)."""
+    extra = ", ".join(f"{k}{sep}{result[k]:.3g}" for k in EXTRA_KEYS if k in result)
+    if result.get("timing") in ("graph", "stream"):
+        extra = ", ".join(filter(None, [extra, timing_prefix + result["timing"]]))
+    return extra
+
+
 def ratios(results: list[dict]) -> dict[str, float]:
     """name -> speed-up over its reference measured in the same run (reference seconds / seconds; > 1 is
     faster). Results without a reference in the run, and the references themselves, have no ratio."""

@@ -11,6 +11,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from bench.compare import extra_fields
+
 GOALS = {  # what the issues ask of an H100, checked against the measured ratios where the run has them
     "rmsnorm": "Triton >= 80% of copy bandwidth and never slower than the compiled reference",
     "layernorm": "Triton >= 80% of copy bandwidth and never slower than the compiled reference",
@@ -50,11 +52,7 @@ def bench_section(out: Path, rc: int) -> list[str]:
     lines = ["## Benchmarks", "", f"Device: {data['device']}. Speed-up = reference time / time, both measured in "
              "this run.", "", "| case | dtype | shape | time | speed-up | more |", "|---|---|---|---|---|---|"]
     for r in data["results"]:
-        more = ", ".join(f"{k} {r[k]:.3g}" for k in ("tokens_per_s", "mfu", "bytes_per_s", "gbps", "of_copy",
-                                                     "peak_extra_mib", "run_seconds", "params", "cache_bytes_per_token")
-                        if k in r)
-        if r.get("timing") in ("graph", "stream"):
-            more = ", ".join(filter(None, [more, f"timed as {r['timing']}"]))
+        more = extra_fields(r, sep=" ", timing_prefix="timed as ")
         ratio = f"{ratios[r['name']]:.3f}" if r["name"] in ratios else "reference"
         lines.append(f"| {r['name']} | {r['dtype']} | {r['shape']} | {r['seconds'] * 1e3:.4g} ms | {ratio} | {more} |")
     lines += ["", "Goals (from the issues): " + "; ".join(f"{k}: {v}" for k, v in GOALS.items()), ""]

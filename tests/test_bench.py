@@ -6,7 +6,7 @@ import pytest
 
 import bench.__main__ as runner
 import bench.compare as compare_mod
-from bench.compare import compare, device_class, failed, median_ratios, ratios
+from bench.compare import compare, device_class, extra_fields, failed, median_ratios, ratios
 
 
 def result(name, seconds, reference="x/ref"):
@@ -16,6 +16,13 @@ def result(name, seconds, reference="x/ref"):
 def test_ratio_is_reference_time_over_time_within_one_run():
     r = ratios([result("x/ref", 2.0), result("x/fast", 1.0), result("x/slow", 4.0), result("y/orphan", 1.0, "y/none")])
     assert r == {"x/fast": 2.0, "x/slow": 0.5}  # no ratio for the reference itself or without one in the run
+
+
+def test_extra_fields_in_table_order_with_timing():
+    r = {**result("x/fast", 1.0), "params": 10, "tokens_per_s": 1234.5, "timing": "graph"}
+    assert extra_fields(r) == "tokens_per_s=1.23e+03, params=10, graph"
+    assert extra_fields(r, sep=" ", timing_prefix="timed as ") == "tokens_per_s 1.23e+03, params 10, timed as graph"
+    assert extra_fields({**result("x/plain", 1.0), "timing": "wall"}) == ""  # wall-clock timing is not named
 
 
 def test_median_and_spread_over_runs():
