@@ -14,11 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.bench_train_step import make_step
+from bench.bench_train_step import bench_config, make_step
 from bench.timing import report, time_per_call
 from model import GPT
 from model.kv_cache import cache_bytes_per_token
-from train.config import PRESETS
 from train.hardware import device_name
 
 # variant -> dotted overrides of the preset; block 512 on a GPU (the windows are fractions of it), 128 on a CPU
@@ -38,7 +37,7 @@ def setting() -> tuple[str, str]:
 
 
 def overrides_for(variant: str, preset: str) -> dict[str, str]:
-    model = PRESETS[preset]().model
+    model = bench_config(preset).model
     sizes = {"block4": model.block_size // 4, "block8": model.block_size // 8, "d2": model.d_model // 2,
              "hd2": model.head_dim // 2}
     return {k: v.format(**sizes) for k, v in VARIANTS[variant].items()}

@@ -1,8 +1,8 @@
 """Evaluator speed by protocol, in bytes/s: strided at stride 1 (the paper's protocol, the reference), strided at
 stride block_size (non-overlapping windows) and cached (KV-cache streaming). Speed does not depend on the
-weights or the text, so the model is freshly initialised and the bytes are random: the cpu preset's shape on a
-CPU, T12's shape with RoPE (which the cached protocol needs) on a GPU, where the cached run covers 5 MB, the size
-of enwik8's test split (goal on an H100: <= 30 s).
+weights or the text, so the model is freshly initialised and the bytes are random: the cpu preset's shape at
+context 128 (bench_train_step.BENCH_OVERRIDES) on a CPU, T12's shape with RoPE (which the cached protocol needs) on
+a GPU, where the cached run covers 5 MB, the size of enwik8's test split (goal on an H100: <= 30 s).
 
     pytest bench/bench_eval.py -s
 """
@@ -18,7 +18,7 @@ import torch
 
 from bench.timing import report
 from model import GPT
-from train.config import PRESETS
+from bench.bench_train_step import bench_config
 from train.evaluate import evaluate_bytes, evaluate_cached
 from train.hardware import device_name
 
@@ -29,7 +29,7 @@ PROTOCOLS = {"strided-1": (1, 1_000, 20_000), "strided-block": (0, 50_000, 5_000
 
 def make_model(device: str):
     preset = "t12" if device == "cuda" else "cpu"
-    cfg = dataclasses.replace(PRESETS[preset]().model, pos_emb="rope", dropout=0.0, intermediate_loss=False,
+    cfg = dataclasses.replace(bench_config(preset).model, pos_emb="rope", dropout=0.0, intermediate_loss=False,
                               n_targets=1, target_weights=(1.0,))
     torch.manual_seed(0)
     return GPT(cfg).to(device).eval()

@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from train.hardware import device_name
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device")
 L2_FLUSH_BYTES = 256 << 20  # inputs are rotated until this much has been touched: past any current L2
 SHAPES = [(8192, 512), (8192, 2048), (32768, 512), (32768, 2048)]  # rows x d of the elementwise/row kernels

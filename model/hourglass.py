@@ -13,7 +13,6 @@ blocks only (a + c - 1 of them). No KV cache (sampling recomputes each window) a
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

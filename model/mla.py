@@ -78,7 +78,7 @@ class LatentAttention(nn.Module):
     def absorbed(self, q_nope, q_rope, latent, k_rope, mask, dropout: float):
         """W_UK folded into the query (it then scores the latent itself), W_UV applied to the attended latent.
         Queries are scaled so that the backend's 1/sqrt(rank + rope) becomes the naive 1/sqrt(nope + rope)."""
-        B, H, T, K = q_nope.shape[0], self.n_head, q_nope.shape[-2], latent.shape[-2]
+        B, H, K = q_nope.shape[0], self.n_head, latent.shape[-2]
         w_uk = self.k_up.weight.view(H, self.nope, self.rank)
         q_latent = q_nope @ w_uk  # (B, H, T, rank)
         rescale = math.sqrt((self.rank + self.rope) / (self.nope + self.rope))

@@ -3,6 +3,7 @@ the comparison with a baseline, and `python -m bench --check` / `--update-baseli
 import json
 
 import pytest
+import torch
 
 import bench.__main__ as runner
 import bench.compare as compare_mod
@@ -80,3 +81,16 @@ def test_check_passes_then_fails_on_a_regression(synthetic, capsys):
     assert runner.main(["--check"]) == 1
     assert "fake/new (regressed)" in capsys.readouterr().err
     assert runner.main(["--check", "--tolerance", "0.3"]) == 0
+
+
+def test_kernel_measurement_reports_device_and_bandwidth(monkeypatch):
+    """bench.timing.measure, the kernel benchmarks' common path (run on GPUs only), with the GPU copy-bandwidth
+    probe replaced: it names the device and turns the time into GB/s and a fraction of the copy bandwidth."""
+    import bench.timing as timing
+    monkeypatch.setattr(timing, "bandwidth", lambda: 1e12)
+    n = 64 * 33 * 4
+    info = timing.measure(None, lambda a: a * 2, lambda: (torch.randn(64, 33),), traffic=2 * n, input_bytes=n,
+                          name="double")
+    assert info["name"] == "double" and info["device"] and info["seconds"] > 0
+    assert info["gbps"] == pytest.approx(2 * n / info["seconds"] / 1e9)
+    assert info["of_copy"] == pytest.approx(2 * n / info["seconds"] / 1e12)

@@ -13,7 +13,6 @@ import argparse
 import bz2
 import json
 import lzma
-import math
 import re
 import sys
 import zlib

@@ -154,7 +154,7 @@ def notes(budget: str) -> dict:
     """The research notes' list: every knob they name, a value or two either side of the `cpu` preset. The
     'steps' item varies the budget itself (half and double). Precision only where bf16 runs (CUDA)."""
     factors = {
-        "model.block_size": [64, 256], "model.n_head": [1, 4], "model.d_model": [96, 192], "model.dropout": [0.1],
+        "model.block_size": [32, 128], "model.n_head": [1, 4], "model.d_model": [96, 192], "model.dropout": [0.1],
         "model.n_layer": [2, 6], "model.norm": ["rmsnorm"], "model.bias": [False],
         "model.activation": ["relu", "swiglu", "solu"], "model.residual_scale": ["depth-scaled"],
         "model.pos_emb": ["learned", "learned_per_layer"], "model.init": ["gpt2", "small"],
@@ -172,7 +172,7 @@ def notes(budget: str) -> dict:
     return {"name": "notes", "seeds": 2, "budget": budget, "base": {"preset": "cpu"}, "factors": factors}
 
 
-NOTES_BUDGET = "tokens=1000000"  # the notes study's default: ~80 s of the cpu preset on a 2-core CPU
+NOTES_BUDGET = "tokens=1000000"  # the notes study's default: about a minute of the cpu preset on a 2-core CPU
 
 
 # ------------------------------------------------------------------------------------------------ planning
