@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from bench.bench_train_step import bench_config
 from bench.timing import report
 from model import GPT
-from bench.bench_train_step import bench_config
 from train.evaluate import evaluate_bytes, evaluate_cached
 from train.hardware import device_name
 
