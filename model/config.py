@@ -66,6 +66,8 @@ class ModelConfig:
     hourglass_upsample: Literal["repeat", "linear"] = "repeat"  # hourglass: back to full resolution
     low_rank: int = 0  # rank r of the factored projections W = U V (0 = full matrices)
     low_rank_targets: tuple[str, ...] = ("qkv", "attn_out", "mlp_in", "mlp_out")  # projections low_rank factors
+    ngram_max: int = 1  # hashed n-gram input embeddings for n = 2..ngram_max (BLT-style; 1 = off)
+    ngram_buckets: int = 4096  # rows of each n-gram order's hash table
     tie_embeddings: bool = False  # the t+1 head shares the input embedding matrix
     attention: Literal["sdpa", "math", "flash"] = "sdpa"  # flash: flash-attn, else sdpa (warned once)
     kernels: Literal["torch", "triton"] = "torch"  # triton: fused RMSNorm, SwiGLU, multi-head loss
@@ -202,6 +204,9 @@ class ModelConfig:
                            f"{self.block_size}")
             elif self.mem_len:
                 out.append(f"model.hourglass is not implemented with model.mem_len={self.mem_len}")
+        if self.ngram_max < 1 or self.ngram_buckets < 1:
+            out.append(f"model.ngram_max and model.ngram_buckets must be >= 1 (got {self.ngram_max}, "
+                       f"{self.ngram_buckets})")
         if self.n_targets >= self.block_size:
             out.append(f"model.n_targets={self.n_targets} must be smaller than model.block_size={self.block_size}")
         return out

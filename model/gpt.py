@@ -24,6 +24,7 @@ from model.layers import LearnedPositions, NoPositions, XLRelative, make_norm
 from model.lowrank import LowRankLinear, init_projection
 from model.memory import SegmentMemory
 from model.moe import MoE
+from model.ngram import carry_bytes, make_ngrams
 
 
 def shifted_targets(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -114,6 +115,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.ngram_emb = make_ngrams(cfg)  # hashed n-gram rows added to the bytes' embeddings (or nothing)
         self.pos_emb = LearnedPositions(cfg.block_size, cfg.d_model) if cfg.pos_emb == "learned" else NoPositions()
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.relative = XLRelative(cfg) if cfg.pos_emb == "xl_relative" else None  # shared by every layer
@@ -172,13 +174,14 @@ class GPT(nn.Module):
         elif T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} bytes exceeds block_size={self.cfg.block_size}")
         with_inter = head_weights is not None and len(head_weights) > self.cfg.n_targets
-        x = self.drop(self.pos_emb(self.tok_emb(idx), positions))
+        stream = cache if cache is not None else memory  # what carries a stream from chunk to chunk
+        previous = stream.previous_bytes if stream is not None else None  # the bytes before idx (n-grams)
+        x = self.drop(self.pos_emb(self.ngram_emb(self.tok_emb(idx), idx, previous), positions))
         x, inter_h = self.stack(self.blocks, x, with_inter, cache, positions, memory)
         h = self.norm_f(x)
-        if cache is not None:
-            cache.advance(T)
-        if memory is not None:
-            memory.advance(T)
+        if stream is not None:
+            stream.advance(T)
+            carry_bytes(stream.previous_bytes, idx)
         if targets is None:
             return self.heads.main_logits(h)
         if head_weights is None:

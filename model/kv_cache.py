@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from model.config import ModelConfig
+from model.ngram import BOUNDARY, boundary
 from model.sparse import make_pattern
 
 
@@ -46,6 +47,7 @@ class KVCache:
         self.k = torch.zeros(cfg.n_layer, batch, k_heads, self.capacity, k_width, device=device, dtype=dtype)
         self.v = torch.zeros(cfg.n_layer, batch, v_heads, self.capacity, v_width, device=device, dtype=dtype)
         self.cfg, self.start, self.length = cfg, 0, 0
+        self.previous_bytes = boundary(batch, cfg, device)  # the stream's last bytes (model.ngram_max - 1 of them)
         # learned tables end at block_size: a stream that runs past it would index beyond them
         self.position_limit = cfg.block_size if cfg.absolute_positions else None
         self.pos_emb = cfg.pos_emb
@@ -61,6 +63,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.start, self.length = 0, 0
+        self.previous_bytes.fill_(BOUNDARY)
 
     def make_room(self, n: int) -> None:
         """Drop the oldest positions so that n more fit; the last window - 1 positions are always kept."""

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.ngram import BOUNDARY, boundary
 
 
 class SegmentMemory:
@@ -51,11 +52,13 @@ class SegmentMemory:
         self.evicted: list[torch.Tensor | None] = [None] * cfg.n_layer  # what the segment pushed out, per layer
         self.recon = torch.zeros((), device=device)  # this forward's reconstruction loss, summed over layers
         self.last_recon = torch.zeros((), device=device)
+        self.previous_bytes = boundary(batch, cfg, device)  # the streams' last bytes (model.ngram_max - 1 of them)
 
     def reset(self) -> None:
         """Forget everything (the streams restart): in place, on the device."""
         self.valid.zero_()
         self.cvalid.zero_()
+        self.previous_bytes.fill_(BOUNDARY)
 
     def context(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, D): this layer's attention input for the segment. Returns [compressed; memory; x], the mask
@@ -114,7 +117,8 @@ class SegmentMemory:
 
     def state_dict(self) -> dict:
         return {"states": self.states.detach().cpu().clone(), "valid": int(self.valid),
-                "compressed": self.compressed.detach().cpu().clone(), "cvalid": int(self.cvalid)}
+                "compressed": self.compressed.detach().cpu().clone(), "cvalid": int(self.cvalid),
+                "previous_bytes": self.previous_bytes.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["states"].shape != self.states.shape or state["compressed"].shape != self.compressed.shape:
@@ -123,6 +127,8 @@ class SegmentMemory:
         self.compressed.copy_(state["compressed"])
         self.valid.fill_(state["valid"])
         self.cvalid.fill_(state["cvalid"])
+        if "previous_bytes" in state:  # checkpoints before model.ngram_max had none (and no n-grams to carry)
+            self.previous_bytes.copy_(state["previous_bytes"])
 
 
 class Compressor(nn.Module):

@@ -86,6 +86,16 @@ def test_n_targets_alone_gets_the_papers_weights_and_records_them(n, weights):
     assert explicit.model.target_weights == (1.0, 0.25)
 
 
+def test_bf16_on_a_cpu_needs_native_bf16(monkeypatch):
+    import train.config as config_module
+    argv = ["--preset=tiny", "--train.precision=bf16", "--train.device=cpu"]
+    monkeypatch.setattr(config_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="needs a CUDA device or a CPU with native bf16"):
+        parse_args(argv)
+    monkeypatch.setattr(config_module, "cpu_has_bf16", lambda: True)
+    assert parse_args(argv).cfg.train.precision == "bf16"
+
+
 def test_t12_is_the_papers_model_and_never_trains_on_the_sample():
     cfg = PRESETS["t12"]()
     assert (cfg.model.n_targets, cfg.model.intermediate_loss, cfg.model.intermediate_targets) == (2, True, 2)

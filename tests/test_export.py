@@ -113,6 +113,7 @@ def test_exported_model_matches_charlm_without_charlm(tmp_path, shape, architect
     (dict(pos_emb="rope"), "model.norm=layernorm with rope"),
     (dict(bias=False), "model.bias=false"),
     (dict(low_rank=8), "model.low_rank=8"),
+    (dict(ngram_max=3), "model.ngram_max=3"),
 ])
 def test_unmappable_features_are_named_in_one_line(tmp_path, shape, feature):
     r = run_cli("--ckpt", str(checkpoint(tmp_path, **shape)), "--to", "hf", "--out", str(tmp_path / "hf"),

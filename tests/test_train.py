@@ -169,6 +169,34 @@ def test_a_token_budget_ends_at_its_step_and_is_logged_there(small_corpus, tmp_p
     assert final["step"] == 7 and steps == [5, 7]
 
 
+def test_bf16_autocast_trains_on_a_cpu(small_corpus, tmp_path, monkeypatch):
+    """train.precision=bf16 on a CPU (allowed where it computes bf16 natively; allowed here on any CPU, where
+    autocast emulates it): the linear layers run in bf16, the loss falls as in fp32 and differs from it."""
+    import train.config as config_module
+    monkeypatch.setattr(config_module, "cpu_has_bf16", lambda: True)
+    dtypes = set()
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Linear) and module.training:
+            dtypes.add(output.dtype)
+
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = tiny_config(small_corpus, tmp_path / precision, train__precision=precision, train__device="cpu",
+                          train__max_steps=30, train__final_eval="false")
+        handle = torch.nn.modules.module.register_module_forward_hook(record)
+        try:
+            train(Args(cfg, "tiny"))
+        finally:
+            handle.remove()
+        losses[precision] = [r["train_loss"] for r in read_metrics(tmp_path / precision)
+                             if "train_loss" in r and "event" not in r]
+        assert dtypes == {torch.float32 if precision == "fp32" else torch.bfloat16}
+        dtypes.clear()
+    assert losses["bf16"][-1] < losses["bf16"][0] - 0.5
+    assert losses["bf16"] != losses["fp32"]
+
+
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(small_corpus, tmp_path):
     r = run_cli("--preset=tiny", f"--data.source={small_corpus}", f"--out_dir={tmp_path / 'run'}",
                 "--train.max_steps=30")

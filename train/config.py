@@ -46,7 +46,7 @@ class TrainConfig:
     max_steps: int = 10000  # optimiser steps; 0 = no step limit (then max_time or max_tokens must be set)
     max_time: float = 0.0  # training budget in seconds (evaluation and checkpoint time not counted); 0 = no time limit
     max_tokens: int = 0  # training budget in tokens (batch_size x grad_accum x block_size a step); 0 = no token limit
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast to bfloat16 (CUDA only)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast to bfloat16 (CUDA, or a CPU with native bf16)
     compile: bool = False  # torch.compile the model
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
@@ -105,8 +105,9 @@ class Config:
             out.append("set train.max_steps, train.max_time or train.max_tokens (all are 0: the run would never stop)")
         if not 0 <= t.min_lr_ratio <= 1:
             out.append(f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
-        if t.precision == "bf16" and not uses_cuda(t):
-            out.append("train.precision=bf16 needs a CUDA device; CPU runs train in fp32")
+        if t.precision == "bf16" and not uses_cuda(t) and not cpu_has_bf16():
+            out.append("train.precision=bf16 needs a CUDA device or a CPU with native bf16 (AVX512-BF16 or AMX); "
+                       "this CPU has neither: train in fp32")
         if t.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             out.append("train.fsdp=true needs torchrun with 2 or more ranks")
         if self.model.mem_len and t.activation_checkpointing:
@@ -134,6 +135,11 @@ def importable(module: str) -> bool:
 
 def uses_cuda(t: TrainConfig) -> bool:
     return t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (oneDNN: AVX512-BF16 or AMX); elsewhere they are emulated."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 # ------------------------------------------------------------------------------------------------ presets

@@ -35,6 +35,7 @@ def first_unmappable(cfg: ModelConfig, state: dict) -> tuple[str | None, str]:
               (cfg.attn_pattern != "dense", f"model.attn_pattern={cfg.attn_pattern}"),
               (cfg.mem_len > 0, f"model.mem_len={cfg.mem_len} (Transformer-XL memory)"),
               (cfg.low_rank > 0, f"model.low_rank={cfg.low_rank} (factored projections)"),
+              (cfg.ngram_max > 1, f"model.ngram_max={cfg.ngram_max} (hashed n-gram input embeddings)"),
               (cfg.head_bias and bool(state["heads.bias"][cfg.n_intermediate_heads].any()),
                "a non-zero bias in the t+1 head (train with model.head_bias=false to export)")]
     if target == "gpt2":

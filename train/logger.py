@@ -83,4 +83,5 @@ def progress_bar(**kwargs) -> tqdm:
     PLAIN_INTERVAL_S seconds (and at the end) instead of a redraw every second."""
     if sys.stderr.isatty():
         return tqdm(file=sys.stderr, **kwargs)
-    return tqdm(file=_Lines(sys.stderr), **(kwargs | {"mininterval": PLAIN_INTERVAL_S}))
+    # maxinterval too: past it, tqdm's monitor thread forces a redraw (its default of 10 s gave a line every ~10 s)
+    return tqdm(file=_Lines(sys.stderr), **(kwargs | {"mininterval": PLAIN_INTERVAL_S, "maxinterval": PLAIN_INTERVAL_S}))

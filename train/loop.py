@@ -111,8 +111,9 @@ class Run:
         torch.manual_seed(t.seed + dd.rank)  # dropout streams differ across ranks
         if ckpt is not None:
             self.restore(ckpt)
-        self.autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if t.precision == "bf16" else nullcontext
-        self.peak_flops = peak_bf16_flops(self.device) if t.precision == "bf16" else None  # for MFU
+        bf16 = t.precision == "bf16"  # autocast on CUDA, or on a CPU with native bf16 (config.cpu_has_bf16)
+        self.autocast = (lambda: torch.autocast(self.device.type, torch.bfloat16)) if bf16 else nullcontext
+        self.peak_flops = peak_bf16_flops(self.device) if bf16 else None  # for MFU
         self.meta = {"n_params": self.n_params, "dataset": self.corpus.identity, "git_sha": git_sha()}
         self.config = to_dict(self.cfg)  # as plain data, for config.json, the logs and every checkpoint
         self.lock = None

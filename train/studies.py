@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import PRESETS, ConfigError, set_value, to_dict
+from train.config import PRESETS, ConfigError, cpu_has_bf16, set_value, to_dict
 
 BUDGET_KEYS = {"steps": "train.max_steps", "seconds": "train.max_time", "tokens": "train.max_tokens"}
 
@@ -152,7 +152,7 @@ def flatten_factors(table: dict, prefix: str = "") -> dict[str, list]:
 
 def notes(budget: str) -> dict:
     """The research notes' list: every knob they name, a value or two either side of the `cpu` preset. The
-    'steps' item varies the budget itself (half and double). Precision only where bf16 runs (CUDA)."""
+    'steps' item varies the budget itself (half and double). Precision only where bf16 runs (CUDA, CPUs with native bf16)."""
     factors = {
         "model.block_size": [32, 128], "model.n_head": [1, 4], "model.d_model": [96, 192], "model.dropout": [0.1],
         "model.n_layer": [2, 6], "model.norm": ["rmsnorm"], "model.bias": [False],
@@ -167,7 +167,7 @@ def notes(budget: str) -> dict:
         kind, _, amount = budget.partition("=")
         scale = float if kind == "seconds" else (lambda v: int(float(v)))
         factors[BUDGET_KEYS[kind]] = [scale(float(amount) / 2), scale(float(amount) * 2)]
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or cpu_has_bf16():
         factors["train.precision"] = ["bf16"]
     return {"name": "notes", "seeds": 2, "budget": budget, "base": {"preset": "cpu"}, "factors": factors}
 

@@ -1,0 +1,45 @@
+"""Progress bars off a terminal: one plain line at most every PLAIN_INTERVAL_S seconds (and the last one at the
+end), whatever redraws tqdm's monitor thread would force."""
+import sys
+import time
+
+import tqdm as tqdm_module
+
+from train import logger
+
+
+class TimedStream:
+    """A non-terminal stderr that records when each line arrives."""
+
+    def __init__(self):
+        self.lines: list[tuple[float, str]] = []
+
+    def write(self, s: str) -> None:
+        self.lines.extend((time.monotonic(), line) for line in s.splitlines() if line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_plain_lines_come_no_closer_than_the_interval(monkeypatch):
+    stream = TimedStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(logger, "PLAIN_INTERVAL_S", 1.0)
+    monkeypatch.setattr(tqdm_module.tqdm, "monitor_interval", 0.05)  # the monitor wakes often
+    # a caller's short maxinterval: where tqdm's monitor would redraw a slow bar (its default, 10 s, is below 30 s)
+    bar = logger.progress_bar(total=350, mininterval=0.01, maxinterval=0.2)
+    start = time.monotonic()
+    for _ in range(350):
+        time.sleep(0.01)
+        bar.update(1)
+    bar.close()
+    elapsed = time.monotonic() - start
+    times = [t for t, _ in stream.lines]
+    gaps = [b - a for a, b in zip(times[:-1], times[1:-1])]  # the closing line may follow the last one at once
+    assert all("\r" not in line for _, line in stream.lines)
+    assert stream.lines[-1][1].startswith("100%")
+    assert len(stream.lines) <= elapsed / 1.0 + 2, [round(t - start, 2) for t in times]
+    assert all(gap >= 0.95 for gap in gaps), gaps
