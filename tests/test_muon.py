@@ -26,6 +26,14 @@ def test_newton_schulz_pushes_every_singular_value_near_one_keeping_the_singular
     assert cosine > 0.95, cosine
 
 
+@pytest.mark.parametrize("shape", [(3, 37, 91), (2, 91, 37)])
+def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix(shape):
+    g = torch.randn(shape)
+    stacked = orthogonalise(g)
+    for one, alone in zip(stacked, (orthogonalise(m) for m in g)):
+        torch.testing.assert_close(one, alone, rtol=1e-5, atol=1e-6)
+
+
 def model_and_optimizer(seed=0, **train):
     cfg = tiny()
     cfg.model.pos_emb = "learned_per_layer"

@@ -169,6 +169,23 @@ def test_a_token_budget_ends_at_its_step_and_is_logged_there(small_corpus, tmp_p
     assert final["step"] == 7 and steps == [5, 7]
 
 
+def test_a_time_budget_counts_the_optimiser_step(small_corpus, tmp_path, monkeypatch):
+    """The update is part of the step's time: with an optimiser step that takes 50 ms, a 0.6 s budget ends after
+    at most 12 steps (when the clock stopped before the update, the tiny model ran ~100 steps in it)."""
+    import time
+    plain_step = torch.optim.AdamW.step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(0.05)
+        return plain_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", slow_step)
+    cfg = tiny_config(small_corpus, tmp_path / "run", train__max_steps=0, train__max_time=0.6,
+                      train__final_eval="false", train__eval_interval=0)
+    final = train(Args(cfg, "tiny"))
+    assert 1 <= final["step"] <= 12 and final["train_time_s"] >= 0.05 * final["step"]
+
+
 def test_bf16_autocast_trains_on_a_cpu(small_corpus, tmp_path, monkeypatch):
     """train.precision=bf16 on a CPU (allowed where it computes bf16 natively; allowed here on any CPU, where
     autocast emulates it): the linear layers run in bf16, the loss falls as in fp32 and differs from it."""

@@ -359,6 +359,7 @@ class Run:
                     stop.received = signal.SIGTERM  # another rank got the signal: stop together
         else:
             clock = self.train_time + time.perf_counter() - t0
+        update_start = time.perf_counter()
         if skip:
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -373,6 +374,7 @@ class Run:
             self.head_steps += 1
             if self.raw.moe_layers:
                 self.moe_step(moe_counts, moe_balance)
+        clock += time.perf_counter() - update_start  # the update is training time too (after the ranks agreed)
         self.step = now
         self.time_since += clock - self.train_time
         self.train_time = clock

@@ -159,7 +159,8 @@ def notes(budget: str) -> dict:
         "model.activation": ["relu", "swiglu", "solu"], "model.residual_scale": ["depth-scaled"],
         "model.pos_emb": ["learned", "learned_per_layer"], "model.init": ["gpt2", "small"],
         "train.lr": [2e-3, 8e-3],
-        "train.optimizer": ["adam", "sgd", {"value": "ivon", "train.lr": 0.2}, "muon"],
+        "train.optimizer": ["adamw", "adam", "sgd", {"value": "ivon", "train.lr": 0.2}],
+        "model.ngram_max": [1, 6], "model.ngram_buckets": [4096],
         "train.grad_accum": [{"value": 2, "train.batch_size": 16}], "train.batch_size": [16, 64],
         "model.n_targets": [2], "model.intermediate_loss": [True],
     }
