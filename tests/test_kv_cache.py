@@ -15,11 +15,14 @@ def small(**kw) -> ModelConfig:
     return ModelConfig(**{**dict(n_layer=3, n_head=2, d_model=32, d_ff=64, block_size=24), **kw})
 
 
-@pytest.mark.parametrize("pos_emb", ["learned", "learned_per_layer", "rope", "xl_relative"])
+@pytest.mark.parametrize("shape", [dict(pos_emb="learned"), dict(pos_emb="learned_per_layer"), dict(pos_emb="rope"),
+                                   dict(pos_emb="xl_relative"), dict(pos_emb="rope", ngram_max=4, ngram_buckets=37)],
+                         ids=["learned", "learned_per_layer", "rope", "xl_relative", "rope-ngrams"])
 @pytest.mark.parametrize("chunks", [[1] * 24, [5, 1, 7, 11], [24]], ids=["one-by-one", "mixed", "whole"])
-def test_cached_decoding_equals_full_forward(pos_emb, chunks):
+def test_cached_decoding_equals_full_forward(shape, chunks):
+    """(With n-gram tables the cache carries each stream's last bytes from chunk to chunk.)"""
     torch.manual_seed(0)
-    model = GPT(small(pos_emb=pos_emb)).eval()
+    model = GPT(small(**shape)).eval()
     x = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         full = model(x)
