@@ -5,10 +5,10 @@ its first layers assembling.
 
 The hash: the n bytes read as a number in base 257 modulo the prime 2^31 - 1, scrambled by one step of the Lehmer
 generator (x 48271 modulo the same prime, a bijection), modulo the bucket count; computed byte by byte in int64
-without overflow, for any order. Bytes before the start of what the model knows (a window's first positions, a stream's start) are the
-symbol 256, which no byte equals. A KV cache or a segment memory hands over the last ngram_max - 1 bytes of the
-stream (`previous`), so a stream fed in chunks gets the same rows as one fed whole. The rows only add to the
-input: causality is kept (position t reads bytes <= t only).
+without overflow, for any order. Bytes before the start of what the model knows (a window's first positions, a
+stream's start) are the symbol 256, which no byte equals. A KV cache or a segment memory hands over the last
+ngram_max - 1 bytes of the stream (`previous`), so a stream fed in chunks gets the same rows as one fed whole. The
+rows only add to the input: causality is kept (position t reads bytes <= t only).
 """
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ PRIME, SCRAMBLE = 2**31 - 1, 48271  # the hash's modulus and the Lehmer generato
 
 
 class NoNgrams(nn.Module):
-    context = 0  # bytes before a chunk this module reads
-
     def forward(self, x: torch.Tensor, idx: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         return x
 

@@ -357,8 +357,8 @@ def parse_args(argv: list[str]) -> Args:
     m = cfg.model
     if "model.target_weights" not in overrides and len(m.target_weights) != m.n_targets:
         m.target_weights = default_target_weights(m.n_targets)  # --model.n_targets=3 alone: the paper's weights
-    # a resumed run's config is its checkpoint's plus the overrides, checked once loaded (train.loop.prepare_out_dir), not
-    # the default preset's (whose own settings may clash with an override, e.g. the cpu preset's Muon with FSDP)
+    # a resumed run's config is its checkpoint's plus the overrides, checked once loaded (train.loop.prepare_out_dir),
+    # not the default preset's (whose own settings may clash with an override, e.g. the cpu preset's Muon with FSDP)
     problems = [] if "resume" in flags else cfg.errors()
     if problems:
         raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""))

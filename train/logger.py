@@ -84,4 +84,5 @@ def progress_bar(**kwargs) -> tqdm:
     if sys.stderr.isatty():
         return tqdm(file=sys.stderr, **kwargs)
     # maxinterval too: past it, tqdm's monitor thread forces a redraw (its default of 10 s gave a line every ~10 s)
-    return tqdm(file=_Lines(sys.stderr), **(kwargs | {"mininterval": PLAIN_INTERVAL_S, "maxinterval": PLAIN_INTERVAL_S}))
+    plain = {"mininterval": PLAIN_INTERVAL_S, "maxinterval": PLAIN_INTERVAL_S}
+    return tqdm(file=_Lines(sys.stderr), **(kwargs | plain))

@@ -53,7 +53,7 @@ class Muon(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 same_shape.setdefault(tuple(p.shape), []).append(p)
-            for matrices in same_shape.values():  # orthogonalised together: the cpu preset's whole step 40 -> 31 ms
+            for matrices in same_shape.values():  # orthogonalised together (the cpu preset's Muon update: 40 -> 31 ms)
                 self.muon_update(matrices, group)
         return loss
 
@@ -85,11 +85,10 @@ class Muon(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         on_cpu = all(p.device.type == "cpu" for p in params)
-        adam(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                              [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
-                              fused=on_cpu or None, foreach=None if on_cpu else True, decoupled_weight_decay=True,
-                              amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        adam(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+             [s["step"] for s in states], fused=on_cpu or None, foreach=None if on_cpu else True,
+             decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def muon_groups(model: torch.nn.Module, weight_decay: float, lr_scale: float, decays) -> list[dict]:

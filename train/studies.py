@@ -152,7 +152,8 @@ def flatten_factors(table: dict, prefix: str = "") -> dict[str, list]:
 
 def notes(budget: str) -> dict:
     """The research notes' list: every knob they name, a value or two either side of the `cpu` preset. The
-    'steps' item varies the budget itself (half and double). Precision only where bf16 runs (CUDA, CPUs with native bf16)."""
+    'steps' item varies the budget itself (half and double). Precision only where bf16 runs (CUDA, CPUs with
+    native bf16)."""
     factors = {
         "model.block_size": [32, 128], "model.n_head": [1, 4], "model.d_model": [96, 192], "model.dropout": [0.1],
         "model.n_layer": [2, 6], "model.norm": ["rmsnorm"], "model.bias": [False],
