@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.reference import rmsnorm_ref, swiglu_packed_ref
-from model.attention import resolve as resolve_attention
+from model.attention import resolve as resolve_attention, warn_once
 from model.config import ModelConfig
 from model.kv_cache import KVCache, through_cache
 from model.lowrank import make_linear
@@ -161,7 +161,10 @@ class XLRelative(nn.Module):
     (q_i + u) . k_j + (q_i + v) . W_R r(i - j), over sqrt(head_dim), with r the sinusoid of the distance, W_R each
     layer's own `r_proj`, and u, v per head shared by every layer (this module is shared). The paper's relative
     shift is done as a gather of the (q + v) . W_R r(d) table at each pair's distance d, which also serves keys
-    that are not evenly spaced (compressed memory) and the KV cache. Computed explicitly (math); on every device."""
+    that are not evenly spaced (compressed memory) and the KV cache. In a compiled model on CUDA without attention
+    dropout through FlexAttention (`attend_flex`: the content term as its q k^T with q + u, the table added by a
+    score_mod, the mask as a block mask: no (T, K) scores or probabilities held for the backward); elsewhere
+    explicitly (math)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -170,9 +173,11 @@ class XLRelative(nn.Module):
         inv_freq = 1.0 / 10000 ** (torch.arange(0, cfg.d_model, 2, dtype=torch.float64) / cfg.d_model)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def forward(self, q, k, v, q_pos, k_pos, mask, span: int, r_proj: nn.Linear, dropout: float):
+    def forward(self, q, k, v, q_pos, k_pos, mask, span: int, r_proj: nn.Linear, dropout: float,
+                flex: bool | None = None):
         """q (B, H, T, hd), k and v (B, H, K, hd); positions (T,) and (K,) or None (0..T-1 for both, causal);
-        mask (T, K) or None; span: positions covered (every distance is below it)."""
+        mask (T, K) or None; span: positions covered (every distance is below it); flex: FlexAttention or math
+        (None: flex on CUDA in a compiled model without attention dropout)."""
         B, H, T, hd = q.shape
         if q_pos is None:
             q_pos = k_pos = torch.arange(T, device=q.device)
@@ -180,14 +185,41 @@ class XLRelative(nn.Module):
         allowed = distance >= 0 if mask is None else mask
         angles = torch.arange(span, device=q.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
         r = r_proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(q.dtype)).view(span, H, hd)
-        content = (q + self.u[:, None, :]) @ k.transpose(-2, -1)  # (B, H, T, K)
         table = (q + self.v[:, None, :]) @ r.permute(1, 2, 0)  # (B, H, T, span): every distance
+        if flex is None:  # FlexAttention where it is a fused kernel: CUDA, inside the compiled model
+            flex = q.is_cuda and torch.compiler.is_compiling()
+            if flex and dropout:
+                warn_once("model.pos_emb=xl_relative with attention dropout: FlexAttention has none, using math")
+                flex = False
+        if flex:
+            return self.attend_flex(q, k, v, q_pos, k_pos, allowed, table)
+        content = (q + self.u[:, None, :]) @ k.transpose(-2, -1)  # (B, H, T, K)
         index = distance.clamp(0, span - 1).expand(B, H, T, distance.shape[1])
         scores = (content + table.gather(-1, index)).float() / math.sqrt(hd)
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(v.dtype)
         if dropout:
             probs = F.dropout(probs, dropout)
         return probs @ v
+
+    def attend_flex(self, q, k, v, q_pos, k_pos, allowed, table):
+        """The same scores through FlexAttention: `allowed` (T, K), or (H or 1, T, K) with a sparse pattern, as its
+        block mask; `table` (B, H, T, span) read at each pair's distance by the score_mod. Compiled on CUDA (in the
+        compiled model, or wrap it); on a CPU only its unfused forward runs (no backward there)."""
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        B, H, T, hd = q.shape
+        span, scale = table.shape[-1], 1.0 / math.sqrt(hd)
+        per_head = allowed.dim() == 3 and allowed.shape[0] > 1
+
+        def score_mod(score, batch, head, i, j):
+            return score + table[batch, head, i, (q_pos[i] - k_pos[j]).clamp(0, span - 1)] * scale
+
+        def mask_mod(batch, head, i, j):
+            return allowed[head, i, j] if per_head else allowed.view(T, -1)[i, j]
+
+        block_mask = create_block_mask(mask_mod, None, H if per_head else None, T, k.shape[-2], device=q.device)
+        out = flex_attention(q + self.u[:, None, :].to(q.dtype), k, v, score_mod=score_mod, block_mask=block_mask,
+                             scale=scale)
+        return out.to(v.dtype)
 
 
 # ---------------------------------------------------------------- attention

@@ -344,3 +344,38 @@ def test_xl_relative_positions_depend_on_distances_only_and_share_u_and_v():
         loaded = model_for(cfg, seed=3)
         loaded.load_state_dict(model.state_dict())
         torch.testing.assert_close(loaded(torch.arange(16)[None]), model(torch.arange(16)[None]))
+
+
+def xl_flex_cases():
+    """(q_pos, k_pos, mask, span) of the callers: a training window, a memory (queries the last T of K keys, each
+    seeing mem_len back), a compressed memory (unevenly spaced key positions), a per-head sparse mask."""
+    window = (None, None, None, 13)
+    keys = torch.arange(21)
+    memory = (keys[-13:], keys, (keys[-13:, None] >= keys[None, :]) & (keys[-13:, None] - keys[None, :] <= 9), 21)
+    spaced = torch.cat([torch.arange(0, 12, 3), torch.arange(12, 25)])
+    compressed = (spaced[-13:], spaced, spaced[-13:, None] >= spaced[None, :], 25)
+    i, j = torch.arange(13)[:, None], torch.arange(13)[None, :]
+    per_head = (None, None, torch.stack([(j <= i) & (i - j < 4), (j <= i) & ((i - j) % 3 == 0)]), 13)
+    return {"window": window, "memory": memory, "compressed": compressed, "per-head": per_head}
+
+
+@pytest.mark.parametrize("case", list(xl_flex_cases()))
+def test_xl_relative_flex_attention_matches_the_math_path(case):
+    """pos_emb=xl_relative's CUDA path (FlexAttention: score_mod reads the distance table, block mask) against the
+    explicit scores, forward in fp32 (a CPU runs no flex backward: test_gpu.py checks the gradients on CUDA)."""
+    q_pos, k_pos, mask, span = xl_flex_cases()[case]
+    model = model_for(small(pos_emb="xl_relative", mem_len=0))
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        model.relative.u.normal_()
+        model.relative.v.normal_()
+        keys = 13 if k_pos is None else len(k_pos)
+        q = torch.randn(3, 2, 13, 12)
+        k, v = torch.randn(3, 2, keys, 12), torch.randn(3, 2, keys, 12)
+        want = model.relative(q, k, v, q_pos, k_pos, mask, span, attn.r_proj, 0.0, flex=False)
+        got = model.relative(q, k, v, q_pos, k_pos, mask, span, attn.r_proj, 0.0, flex=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if case == "memory":  # the fused kernel as the compiled model runs it (a CPU template here)
+            compiled = torch.compile(model.relative, fullgraph=True)
+            got = compiled(q, k, v, q_pos, k_pos, mask, span, attn.r_proj, 0.0, flex=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
