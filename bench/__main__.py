@@ -1,6 +1,6 @@
 """The benchmark suite for the current device, as a table of speed-ups over the reference PyTorch.
 
-    python -m bench [--only train_step eval mhce layernorm rmsnorm swiglu attention] [--repeat N] [--json PATH]
+    python -m bench [--only train_step eval mhce layernorm rmsnorm swiglu attention architectures] [--repeat N] [--json PATH]
                     [--check [--tolerance X]] [--update-baseline]
 
 Every case is timed against its reference in the same run (the plain reference GPT for training steps, stride-1
@@ -18,15 +18,15 @@ import json
 import sys
 import time
 
-from bench import (bench_attention, bench_eval, bench_layernorm, bench_mhce, bench_rmsnorm, bench_swiglu,
-                   bench_train_step)
+from bench import (bench_architectures, bench_attention, bench_eval, bench_layernorm, bench_mhce, bench_rmsnorm,
+                   bench_swiglu, bench_train_step)
 from bench.compare import compare, device_class, failed, load_baseline, median_ratios, ratios, save_baseline
 from bench.compare import extra_fields, verdict_table
 from train.hardware import device_name
 
 SUITES = {"train_step": bench_train_step.suite, "eval": bench_eval.suite, "mhce": bench_mhce.suite,
           "layernorm": bench_layernorm.suite, "rmsnorm": bench_rmsnorm.suite, "swiglu": bench_swiglu.suite,
-          "attention": bench_attention.suite}
+          "attention": bench_attention.suite, "architectures": bench_architectures.suite}
 DEFAULT_TOLERANCE = 0.10
 
 

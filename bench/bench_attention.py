@@ -36,24 +36,27 @@ def setting() -> tuple[str, str]:
     return ("t12-modern", "charlm-compiled-triton") if torch.cuda.is_available() else ("cpu", "charlm-eager")
 
 
-def overrides_for(variant: str, preset: str) -> dict[str, str]:
+def overrides_for(variant: str, preset: str, table: dict[str, dict[str, str]]) -> dict[str, str]:
     model = bench_config(preset).model
     sizes = {"block4": model.block_size // 4, "block8": model.block_size // 8, "d2": model.d_model // 2,
-             "hd2": model.head_dim // 2}
-    return {k: v.format(**sizes) for k, v in VARIANTS[variant].items()}
+             "d4": model.d_model // 4, "hd2": model.head_dim // 2, "dff2": model.d_ff // 2,
+             "hourglass": f"{model.n_layer // 4},{model.n_layer - model.n_layer // 4 * 2},{model.n_layer // 4}"}
+    return {k: v.format(**sizes) for k, v in table[variant].items()}
 
 
-def run_variant(variant: str, benchmark=None) -> dict:
+def run_variant(variant: str, benchmark=None, table: dict[str, dict[str, str]] = VARIANTS, group: str = "attention",
+                baseline: str = "standard") -> dict:
+    """One variant of `table` in a whole training step, named `<group>/<variant>` against `<group>/<baseline>`."""
     preset, impl = setting()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    overrides = overrides_for(variant, preset)
+    overrides = overrides_for(variant, preset, table)
     step, cfg, batch, _ = make_step(preset, impl, device, overrides)
     cuda = device == "cuda"
     seconds = time_per_call(step, [()], calls=10 if cuda else 1, rounds=7 if cuda else 3, warmup=3 if cuda else 1)
     if benchmark is not None:
         benchmark.pedantic(step, rounds=3)
     tokens = batch * cfg.block_size
-    return {"name": f"attention/{variant}", "reference": "attention/standard", "device": device_name(),
+    return {"name": f"{group}/{variant}", "reference": f"{group}/{baseline}", "device": device_name(),
             "dtype": "bf16" if cuda else "fp32", "shape": f"{preset} {cfg.n_layer}L d{cfg.d_model} B{batch} "
             f"T{cfg.block_size}", "seconds": seconds, "tokens_per_s": tokens / seconds,
             "params": GPT(cfg).num_params(), "overrides": overrides,

@@ -8,6 +8,9 @@
 #                                                       # and PARITY_ONLY="tests/test_mhce.py")
 #   bash bench/device_suite.sh [OUT_DIR] --variants     # a lease of ~8 minutes: the attention variants (#14):
 #                                                       # FlexAttention parity and T12-size steps of each variant
+#   bash bench/device_suite.sh [OUT_DIR] --architectures  # a lease of ~7 minutes: the other harder architectures
+#                                                       # (#13, #15): GPU parity (xl_relative's FlexAttention, MoE's
+#                                                       # grouped matmul) and T12-size steps of each
 #
 # Steps: environment; GPU parity tests of every kernel in bf16 and fp32 (and the model, KV cache, attention);
 # the kernel, training-step and evaluator benchmarks (python -m bench); a 1-minute T12 training run with its loss
@@ -26,11 +29,13 @@ OUT_DIR=${OUT:-bench/results/latest}
 DRY=0
 KERNELS=0
 VARIANTS=0
+ARCHITECTURES=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-dry-run) DRY=1 ;;
     --kernels) KERNELS=1 ;;
     --variants) VARIANTS=1 ;;
+    --architectures) VARIANTS=1; ARCHITECTURES=1 ;;
     *) OUT_DIR=$arg ;;
   esac
 done
@@ -53,11 +58,14 @@ else
                 tests/test_model_kernels.py
                 tests/test_kv_cache.py tests/test_gpu.py"
 fi
-BENCH_ARGS="--only train_step eval mhce layernorm rmsnorm swiglu"  # the attention variants have their own lease
+BENCH_ARGS="--only train_step eval mhce layernorm rmsnorm swiglu"  # the variants have their own leases
 if [ "$VARIANTS" = 1 ]; then
   PARITY_TESTS="tests/test_gpu.py"
   BENCH_ARGS="--only attention"
   LIMIT_PARITY=150; LIMIT_BENCH=360
+fi
+if [ "$ARCHITECTURES" = 1 ]; then
+  BENCH_ARGS="--only architectures"
 fi
 if [ "$KERNELS" = 1 ]; then
   PARITY_TESTS=${PARITY_ONLY:-"tests/test_mhce.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_swiglu.py"}

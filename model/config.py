@@ -60,6 +60,7 @@ class ModelConfig:
     moe_balance: Literal["aux_loss", "bias"] = "aux_loss"  # Switch auxiliary loss | DeepSeek-V3 loss-free bias
     moe_aux_weight: float = 0.01  # weight of the auxiliary balance loss (moe_balance=aux_loss)
     moe_bias_rate: float = 0.001  # step of the routing-bias update after every step (moe_balance=bias)
+    moe_dispatch: Literal["auto", "grouped", "padded"] = "auto"  # grouped where torch runs it | grouped_mm | bmm
     hourglass: tuple[int, ...] = ()  # hourglass: blocks at full / shortened / full resolution, e.g. 2,4,2 (empty: off)
     shorten_factor: int = 2  # hourglass: positions pooled into one shortened position
     hourglass_pool: Literal["avg", "linear"] = "avg"  # hourglass: shortening by average or a linear map of the group

@@ -37,7 +37,8 @@ KNOBS = [
     {"model__attn_type": "mla", "model__pos_emb": "rope", "model__kv_lora_rank": "16", "model__rope_head_dim": "8",
      "model__q_lora_rank": "16"},  # DeepSeek-V2
     {"model__low_rank": "8", "model__low_rank_targets": "qkv,mlp_in,mlp_out"},  # factored projections
-    {"model__moe_experts": "4", "model__moe_top_k": "2", "model__moe_shared": "1", "model__moe_expert_dim": "32"},
+    {"model__moe_experts": "4", "model__moe_top_k": "2", "model__moe_shared": "1",
+     "model__moe_expert_dim": "32"},  # eager fp32: the grouped matmul (moe_dispatch=auto)
     {"model__moe_experts": "4", "model__moe_balance": "bias", "model__activation": "swiglu", "model__moe_every": "2",
      "train__compile": "true"},  # loss-free balancing, SwiGLU experts, compiled (fullgraph routing)
     {"model__n_layer": "4", "model__hourglass": "1,2,1", "model__shorten_factor": "4", "model__hourglass_pool": "linear",

@@ -1,6 +1,7 @@
-"""Mixture of experts (model.moe_experts): one expert with top-1 is the dense MLP; the sorted, padded dispatch equals
-the loop over experts (outputs and every gradient) and compiles with fullgraph; the router learns; the balance
+"""Mixture of experts (model.moe_experts): one expert with top-1 is the dense MLP; the sorted dispatch (padded and
+grouped) equals the loop over experts (outputs and every gradient) and compiles with fullgraph; the router learns; the balance
 loss; bias balancing evens out a skewed router; layout knobs; and a short training run logging expert loads."""
+import copy
 import math
 
 import pytest
@@ -34,33 +35,71 @@ def test_one_expert_with_top_1_is_the_dense_mlp(activation):
     torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("top_k,shared", [(1, 0), (2, 1), (3, 2)])
-def test_dispatch_equals_the_loop_over_experts_with_every_gradient(top_k, shared):
+@pytest.mark.parametrize("dispatch", ["padded", "grouped"])
+@pytest.mark.parametrize("top_k,shared,activation", [(1, 0, "gelu"), (2, 1, "swiglu"), (3, 2, "relu")])
+def test_dispatch_equals_the_loop_over_experts_with_every_gradient(top_k, shared, activation, dispatch):
+    """The sorted dispatch against the loop over experts, outputs and the gradients of the input, both expert
+    matrices and the router: the padded one in fp64 (1e-10), the grouped one (torch's grouped matmul has no fp64) in
+    fp32 against the fp64 loop. A router bias keeps expert 0 empty: a group of no rows."""
     torch.manual_seed(1)
-    moe = MoE(small(moe_top_k=top_k, moe_shared=shared)).double()
+    moe = MoE(small(moe_top_k=top_k, moe_shared=shared, activation=activation, moe_dispatch=dispatch)).double()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(std=0.3)
-    x = torch.randn(37, 20, dtype=torch.float64, requires_grad=True)
-    params = [x, moe.fc, moe.proj, moe.router.weight]
-
-    def run(fn):
-        _, choice, gates = moe.route(x)
-        out = fn(x, choice, gates)
-        return [out, *torch.autograd.grad(out, params, grad_out)]
+        moe.route_bias[0] = -2.0
+    x = torch.randn(37, 20, dtype=torch.float64)
     grad_out = torch.randn(37, 20, dtype=torch.float64)
-    fast, loop = run(moe.dispatch), run(moe.reference)
+
+    def run(module, fn_name, dtype):
+        module = module.to(dtype)
+        inputs = x.to(dtype).requires_grad_()
+        _, choice, gates = module.route(inputs)
+        assert not (choice == 0).any()
+        out = getattr(module, fn_name)(inputs, choice, gates.to(dtype))
+        grads = torch.autograd.grad(out, [inputs, module.fc, module.proj, module.router.weight], grad_out.to(dtype))
+        return [t.double() for t in (out, *grads)]
+    loop = run(copy.deepcopy(moe), "reference", torch.float64)
+    fast = run(copy.deepcopy(moe), "dispatch", torch.float64 if dispatch == "padded" else torch.float32)
+    tolerance = 1e-10 if dispatch == "padded" else 2e-5
     for name, a, b in zip(["out", "x", "fc", "proj", "router"], fast, loop):
         assert b.abs().max() > 0, name
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, msg=name)
+    assert fast[2][0].abs().max() == 0 and fast[3][0].abs().max() == 0  # the empty expert gets no gradient
+
+
+def test_auto_dispatch_takes_the_grouped_matmul_where_torch_runs_it(monkeypatch):
+    """model.moe_dispatch=auto: grouped for fp32 on a CPU (eager) and for 16-byte-aligned bf16 rows, padded for
+    fp64 and for rows of other widths; grouped where it cannot run is a one-line error."""
+    from model.moe import grouped_supported
+    cpu = torch.device("cpu")
+    assert grouped_supported(cpu, torch.float32, 20, 24, 12)
+    assert grouped_supported(cpu, torch.bfloat16, 24, 32, 16)
+    assert not grouped_supported(cpu, torch.bfloat16, 20, 24, 12)  # 40-byte rows
+    assert not grouped_supported(cpu, torch.float32, 21, 24, 12)
+    assert not grouped_supported(cpu, torch.float64, 20, 24, 12)
+    calls = []
+    real = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    MoE(small())(torch.randn(2, 11, 20))
+    assert len(calls) == 2  # both expert matmuls
+    MoE(small(moe_dispatch="padded"))(torch.randn(2, 11, 20))
+    MoE(small()).double()(torch.randn(2, 11, 20, dtype=torch.float64))
+    assert len(calls) == 2
+    with pytest.raises(RuntimeError, match=r"model.moe_dispatch=grouped: .* use auto or padded"):
+        MoE(small(moe_dispatch="grouped")).double()(torch.randn(2, 11, 20, dtype=torch.float64))
 
 
 def test_the_dispatch_compiles_with_fullgraph():
+    """fp32: compiled, auto takes the padded dispatch (torch's grouped matmul compiles only in bf16); bf16 rows of
+    16-byte multiples: the grouped one, compiled against eager within bf16 rounding."""
     torch.manual_seed(2)
     moe = MoE(small())
     x = torch.randn(2, 11, 20)
     compiled = torch.compile(moe, fullgraph=True)
     torch.testing.assert_close(compiled(x), moe(x), rtol=1e-5, atol=1e-5)
+    moe = MoE(small(d_model=24, moe_expert_dim=16, moe_dispatch="grouped")).bfloat16()
+    x = torch.randn(2, 11, 24, dtype=torch.bfloat16)
+    torch.testing.assert_close(torch.compile(moe, fullgraph=True)(x), moe(x), rtol=2e-2, atol=2e-2)
 
 
 def test_the_balance_loss_and_router_gradients():
