@@ -1,7 +1,7 @@
 """The benchmark suite for the current device, as a table of speed-ups over the reference PyTorch.
 
-    python -m bench [--only train_step eval mhce layernorm rmsnorm swiglu attention architectures] [--repeat N] [--json PATH]
-                    [--check [--tolerance X]] [--update-baseline]
+    python -m bench [--only train_step eval mhce layernorm rmsnorm swiglu attention architectures] [--repeat N]
+                    [--json PATH] [--check [--tolerance X]] [--update-baseline]
 
 Every case is timed against its reference in the same run (the plain reference GPT for training steps, stride-1
 strided evaluation for the evaluator, torch.compile'd references for kernels on a GPU, the per-head loop for the
