@@ -176,6 +176,24 @@ def test_a_short_run_logs_expert_loads(balance, small_corpus, tmp_path):
     assert len(biases) == 2 and (any(float(b.abs().max()) > 0 for b in biases) == (balance == "bias"))
 
 
+def test_a_run_with_bias_balancing_resumes_bit_for_bit(small_corpus, tmp_path):
+    """60 steps against the same run stopped at step 45 and resumed: losses and expert loads of every logged step
+    equal exactly, so the routing biases (moved after every step, not by gradient) resume with the checkpoint."""
+    common = dict(model__moe_experts="4", model__moe_top_k="2", model__moe_balance="bias",
+                  model__moe_bias_rate="0.01", model__dropout="0.1", train__schedule="constant",
+                  train__warmup_steps="0", train__log_interval="3",
+                  train__ckpt_interval="45", train__eval_interval="0", train__final_eval="false")
+    train(Args(tiny_config(small_corpus, tmp_path / "whole", train__max_steps="60", **common), "tiny"))
+    train(Args(tiny_config(small_corpus, tmp_path / "cut", train__max_steps="45", **common), "tiny"))
+    resumed = tiny_config(small_corpus, tmp_path / "cut", train__max_steps="60", **common)
+    train(Args(resumed, "tiny", resume=True, overrides={"train.max_steps": "60"}))
+
+    def logged(run):
+        return [(r["step"], r["train_loss"], r["moe/load"]) for r in read_metrics(run) if "moe/load" in r]
+    assert logged(tmp_path / "cut") == logged(tmp_path / "whole") and len(logged(tmp_path / "whole")) == 20
+    assert logged(tmp_path / "whole")[-1][2] != logged(tmp_path / "whole")[0][2]
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(moe_top_k=6), "model.moe_top_k=6 must be between 1 and model.moe_experts=5"),
     (dict(moe_every=0), "model.moe_every >= 1"),
