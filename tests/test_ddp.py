@@ -1,5 +1,5 @@
 """torchrun + DistributedDataParallel: 2 CPU ranks on gloo train exactly like one process with the same global
-batch (every rank draws the same global batch and keeps its half)."""
+batch (every rank draws the same global batch and keeps its half), MoE's bias balancing included."""
 import pytest
 import torch
 
@@ -9,12 +9,19 @@ COMMON = ["--preset=tiny", "--train.max_steps=12", "--train.log_interval=1", "--
           "--train.batch_size=4", "--model.intermediate_loss=true", "--model.n_layer=3"]
 
 
-@pytest.mark.parametrize("accum, compile_", [(1, False), (2, False), (1, True)],
-                         ids=["eager", "accum2", "compiled"])
-def test_two_ranks_match_one_process(small_corpus, tmp_path, accum, compile_):
+MOE_BIAS = ["--model.moe_experts=4", "--model.moe_top_k=2", "--model.moe_balance=bias", "--model.moe_bias_rate=0.01"]
+
+
+@pytest.mark.parametrize("accum, compile_, extra",
+                         [(1, False, []), (2, False, []), (1, True, []), (1, False, MOE_BIAS)],
+                         ids=["eager", "accum2", "compiled", "moe-bias"])
+def test_two_ranks_match_one_process(small_corpus, tmp_path, accum, compile_, extra):
     """Through the step where the intermediate heads stop (their parameters are frozen and DDP wraps again), and
-    compiled: DDP wrapped first, the compiler's DDPOptimizer splitting the graph at gradient buckets."""
-    args = COMMON + [f"--data.source={small_corpus}", f"--train.grad_accum={accum}", f"--train.compile={compile_}"]
+    compiled: DDP wrapped first, the compiler's DDPOptimizer splitting the graph at gradient buckets. With MoE's
+    bias balancing the routing biases (buffers in the compared checkpoint) move by the loads of the global batch,
+    summed over the ranks, as in one process."""
+    args = COMMON + [f"--data.source={small_corpus}", f"--train.grad_accum={accum}", f"--train.compile={compile_}",
+                     *extra]
     single = run_cli(*args, f"--out_dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr
     ddp = run_cli("--standalone", "--nproc_per_node=2", "-m", "train", *args, f"--out_dir={tmp_path / 'ddp'}",
@@ -35,6 +42,8 @@ def test_two_ranks_match_one_process(small_corpus, tmp_path, accum, compile_):
     wb = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    if extra:
+        assert any(k.endswith("route_bias") and wa[k].abs().max() > 0 for k in wa)
 
 
 def test_time_budget_on_two_ranks_ends_every_rank_at_the_same_synchronisation_step(small_corpus, tmp_path):

@@ -25,6 +25,7 @@ from train.data import BatchPrefetcher, RandomWindows, Streams, load_corpus, ran
 from train.distributed import (Distributed, checkpoint_activations, full_state, load_full_state, no_grad_sync, shard,
                                uses_ddp, wrap)
 from train.evaluate import default_stride, evaluate_bytes
+from train.experts import ExpertLoads
 from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
 from train.hardware import peak_bf16_flops
 from train.lock import RunLock
@@ -104,9 +105,7 @@ class Run:
         self.hw, self.hw_values = None, ()  # the heads' weights on the device, and as last computed
         self.head_sum, self.head_steps = torch.zeros(0, device=self.device), 0  # per-head losses since the last log
         self.recon_sum = torch.zeros((), device=self.device)  # the compressive memory's reconstruction loss, same
-        experts = (len(self.raw.moe_layers), m.moe_experts)  # mixture of experts: routed slots per layer and expert,
-        self.moe_counts = torch.zeros(experts, device=self.device)  # and the balance loss per layer, since the last log
-        self.moe_balance = torch.zeros(experts[0], device=self.device)
+        self.experts = ExpertLoads(self.raw.moe_layers, self.device, m.moe_balance, m.moe_bias_rate, dd.world)
         self.agreed_time, self.stop_agreed = 0.0, False
         torch.manual_seed(t.seed + dd.rank)  # dropout streams differ across ranks
         if ckpt is not None:
@@ -144,9 +143,7 @@ class Run:
         self.head_sum = torch.tensor(acc.get("head_sum", []), dtype=torch.float32, device=self.device)
         self.head_steps = acc.get("head_steps", 0)
         self.recon_sum.fill_(acc.get("recon_sum", 0.0))
-        if "moe_counts" in acc:
-            self.moe_counts.copy_(torch.tensor(acc["moe_counts"]).view_as(self.moe_counts))
-            self.moe_balance.copy_(torch.tensor(acc["moe_balance"]).view_as(self.moe_balance))
+        self.experts.restore(acc)
         self.sampler.restore(ckpt["rng"]["data"])
         if self.memory is not None and ckpt.get("memory") is not None:
             self.memory.load_state_dict(ckpt["memory"])
@@ -172,8 +169,7 @@ class Run:
             "memory": self.memory.state_dict() if self.memory is not None and self.dd.world == 1 else None,
             "log_acc": {"loss_sum": float(self.loss_sum), "steps": self.steps_since, "time": self.time_since,
                         "head_sum": self.head_sum.tolist(), "head_steps": self.head_steps,
-                        "recon_sum": float(self.recon_sum), "moe_counts": self.moe_counts.tolist(),
-                        "moe_balance": self.moe_balance.tolist()},
+                        "recon_sum": float(self.recon_sum), **self.experts.state()},
             **self.meta, **extra})
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -326,7 +322,7 @@ class Run:
         step_loss = torch.zeros((), device=self.device)
         head_loss = torch.zeros(hw.numel(), device=self.device)  # per head; the t+1 head's is the train loss
         recon = torch.zeros((), device=self.device)
-        moe_counts, moe_balance = torch.zeros_like(self.moe_counts), torch.zeros_like(self.moe_balance)
+        self.experts.start_step()
         with sampling(self.optimizer):
             for micro in range(t.grad_accum):
                 x, y, restart = self.batches.next()
@@ -339,9 +335,7 @@ class Run:
                 head_loss += per_head.float() / t.grad_accum
                 if m.cmem_len:
                     recon += self.memory.last_recon / t.grad_accum
-                if self.raw.moe_layers:
-                    moe_counts += torch.stack([layer.routing.counts for layer in self.raw.moe_layers])
-                    moe_balance += torch.stack([layer.routing.balance for layer in self.raw.moe_layers]) / t.grad_accum
+                self.experts.add_micro_batch(t.grad_accum)
             norm = self.grad_norm(want=sync)
         self.guard.update(now, step_loss, norm)
         skip = False
@@ -372,35 +366,12 @@ class Run:
             self.head_sum += head_loss
             self.recon_sum += recon
             self.head_steps += 1
-            if self.raw.moe_layers:
-                self.moe_step(moe_counts, moe_balance)
+            self.experts.after_update()
         clock += time.perf_counter() - update_start  # the update is training time too (after the ranks agreed)
         self.step = now
         self.time_since += clock - self.train_time
         self.train_time = clock
         return self.record(lr, float(norm) if sync and norm is not None else None)
-
-    def moe_step(self, counts: torch.Tensor, balance: torch.Tensor) -> None:
-        """After an optimiser step: the routing biases move toward balance (bias balancing; counts summed over
-        ranks so that every rank moves them alike), and the step's loads join the log sums. No host reads."""
-        if self.dd.world > 1 and self.cfg.model.moe_balance == "bias":
-            torch.distributed.all_reduce(counts)
-        for layer, layer_counts in zip(self.raw.moe_layers, counts):
-            layer.update_bias(layer_counts, self.cfg.model.moe_bias_rate)
-        self.moe_counts += counts
-        self.moe_balance += balance
-
-    def moe_record(self) -> dict:
-        """Expert load since the last log line, averaged over the MoE layers: each expert's fraction of the routed
-        slots, the busiest expert's load over the mean, and the balance loss (E * sum f_i P_i, 1.0 when even)."""
-        fractions = self.moe_counts / self.moe_counts.sum(dim=1, keepdim=True).clamp(min=1)
-        max_over_mean = fractions.max(dim=1).values * fractions.shape[1]
-        values = torch.cat([fractions.mean(0), max_over_mean.mean()[None],
-                            self.moe_balance.mean()[None] / self.head_steps]).tolist()
-        self.moe_counts.zero_()
-        self.moe_balance.zero_()
-        return {"moe/load": [round(v, 4) for v in values[:-2]], "moe/load_max_over_mean": values[-2],
-                "moe/balance_loss": values[-1]}
 
     def record(self, lr: float, norm: float | None) -> dict:
         t, dd = self.cfg.train, self.dd
@@ -420,8 +391,8 @@ class Run:
                 record["loss/recon"] = self.dd.sum([float(self.recon_sum)])[0] / (self.head_steps * dd.world)
             if self.head_steps and self.head_sum.numel() > 1:
                 record.update(self.head_losses())
-            if self.head_steps and self.raw.moe_layers:
-                record.update(self.moe_record())
+            if self.head_steps and self.experts:
+                record.update(self.experts.record(self.head_steps))
             if self.skipped:
                 record["skipped_steps"] = self.skipped
             self.loss_sum.zero_()
