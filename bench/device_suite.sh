@@ -60,11 +60,13 @@ else
 fi
 BENCH_ARGS="--only train_step eval mhce layernorm rmsnorm swiglu"  # the variants have their own leases
 if [ "$VARIANTS" = 1 ]; then
-  PARITY_TESTS="tests/test_gpu.py"
+  PARITY_TESTS="tests/test_gpu_variants.py::test_compiled_flex_attention_matches_the_dense_mask_with_gradients"
   BENCH_ARGS="--only attention"
   LIMIT_PARITY=150; LIMIT_BENCH=360
 fi
 if [ "$ARCHITECTURES" = 1 ]; then
+  PARITY_TESTS="tests/test_gpu_variants.py::test_compiled_xl_relative_flex_attention_matches_the_math_path_with_gradients
+                tests/test_gpu_variants.py::test_moe_grouped_matmul_under_autocast_matches_the_loop_with_gradients"
   BENCH_ARGS="--only architectures"
 fi
 if [ "$KERNELS" = 1 ]; then

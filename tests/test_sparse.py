@@ -47,7 +47,7 @@ def test_masks_match_the_papers_definitions(kind, window, stride, summary):
 @pytest.mark.parametrize("kind", PATTERNS)
 def test_flex_attention_equals_the_dense_mask(kind):
     """FlexAttention's block-sparse path (unfused on a CPU, which has no FlexAttention backward: the gradients and
-    the compiled kernel are checked on CUDA in test_gpu.py) against sdpa with the dense mask."""
+    the compiled kernel are checked on CUDA in test_gpu_variants.py) against sdpa with the dense mask."""
     torch.manual_seed(1)
     pattern = SparsePattern(small(attn_pattern=kind))
     q, k, v = (torch.randn(2, 4, 37, 8) for _ in range(3))
