@@ -1,5 +1,7 @@
 """Transformer-XL memory: the reduction to the plain model, segments with memory against one forward over the
 concatenated stream with the memory's mask, bottom-right causality, no gradient into the memory, compile."""
+import re
+
 import pytest
 import torch
 
@@ -217,6 +219,38 @@ def test_training_with_memory_resumes_mid_stream_bit_for_bit(small_corpus, tmp_p
                 if "train_loss" in r and "event" not in r]
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 20
     assert all((recon is not None and recon > 0) == compressive for *_, recon in losses(tmp_path / "whole")[1:])
+
+
+@pytest.mark.parametrize("order, mem_len, contiguous", [("auto", "0", False), ("windows", "0", False),
+                                                         ("streams", "0", True), ("auto", "16", True)])
+def test_data_order_picks_random_windows_or_contiguous_streams(monkeypatch, small_corpus, tmp_path, order, mem_len,
+                                                               contiguous):
+    """data.order: each row of a step's batch continues the same row of the step before (streams) or not
+    (windows); auto streams only with a memory. With streams and no memory the model gets no memory."""
+    from conftest import tiny_config
+    from train.config import Args
+    from train.loop import train
+    seen, original = [], GPT.forward
+
+    def forward(self, idx, targets=None, head_weights=None, cache=None, memory=None):
+        if targets is not None:
+            seen.append((idx.clone(), targets.clone(), memory is not None))
+        return original(self, idx, targets, head_weights, cache, memory)
+    monkeypatch.setattr(GPT, "forward", forward)
+    cfg = tiny_config(small_corpus, tmp_path / "run", train__max_steps="6", train__eval_interval="0",
+                      train__final_eval="false", model__pos_emb="rope", model__mem_len=mem_len, data__order=order)
+    train(Args(cfg, "tiny"))
+    assert len(seen) == 6 and all(with_memory == (mem_len != "0") for *_, with_memory in seen)
+    continues = [torch.equal(x[:, 0], y_before[:, -1]) for (_, y_before, _), (x, _, _) in zip(seen, seen[1:])]
+    assert continues == [contiguous] * 5
+
+
+def test_memory_is_refused_with_random_windows():
+    with pytest.raises(ConfigError, match="model.mem_len=8 carries each row's memory .* not random windows"):
+        parse_args(["--preset=tiny", "--model.mem_len=8", "--model.pos_emb=rope", "--data.order=windows"])
+    message = "data.order='stream': expected one of auto | windows | streams"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(["--preset=tiny", "--data.order=stream"])
 
 
 def test_activation_checkpointing_is_refused_with_memory():

@@ -71,6 +71,7 @@ class DataConfig:
     data_dir: str = "data"  # where enwik8 and the unpacked sample are kept
     download_timeout: float = 20.0  # seconds before an enwik8 download gives up (then: fallback)
     fallback: bool = True  # enwik8 unavailable: train on sample with a loud warning (true) or stop with an error
+    order: Literal["auto", "windows", "streams"] = "auto"  # training batches: random or contiguous (auto: iff mem_len)
 
 
 @dataclass
@@ -110,6 +111,9 @@ class Config:
                        "this CPU has neither: train in fp32")
         if t.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
             out.append("train.fsdp=true needs torchrun with 2 or more ranks")
+        if self.data.order == "windows" and self.model.mem_len:
+            out.append(f"model.mem_len={self.model.mem_len} carries each row's memory into its next segment: it needs "
+                       "contiguous streams (data.order=streams or auto), not random windows")
         if self.model.mem_len and t.activation_checkpointing:
             out.append("train.activation_checkpointing does not work with model.mem_len (the memory moves on in the "
                        "forward pass, which a recomputation would repeat)")

@@ -93,7 +93,8 @@ class Run:
         shard(self.raw, t)
         self.model = wrap(self.raw, t, dd)
         self.optimizer = build_optimizer(self.raw, t, len(self.corpus.split("train")))
-        sampler = Streams if m.mem_len else RandomWindows  # with memory: contiguous streams, memory carried along
+        streams = self.cfg.data.order == "streams" or (self.cfg.data.order == "auto" and m.mem_len)
+        sampler = Streams if streams else RandomWindows  # with memory: contiguous streams, memory carried along
         self.sampler = sampler(self.corpus.split("train"), t.batch_size, m.block_size,
                                torch.Generator().manual_seed(t.seed), (dd.rank, dd.world))
         self.memory = SegmentMemory(m, t.batch_size // dd.world, self.device) if m.mem_len else None
