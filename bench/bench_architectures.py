@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from bench.bench_attention import run_variant
-from bench.timing import report
+from bench.timing import Case, case, report
 
 MOE = {"model.moe_experts": "4", "model.moe_top_k": "2", "model.moe_expert_dim": "{dff2}"}
 ARCHITECTURES = {
@@ -34,8 +34,8 @@ def run_architecture(variant: str, benchmark=None) -> dict:
     return run_variant(variant, benchmark, table=ARCHITECTURES, group="architecture", baseline="baseline")
 
 
-def suite() -> list[dict]:
-    return [run_architecture(variant) for variant in ARCHITECTURES]
+def suite() -> list[Case]:
+    return [case(variant, run_architecture, variant) for variant in ARCHITECTURES]
 
 
 @pytest.mark.parametrize("variant", list(ARCHITECTURES))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.bench_train_step import bench_config, make_step
-from bench.timing import report, time_per_call
+from bench.timing import Case, case, report, time_per_call
 from model import GPT
 from model.kv_cache import cache_bytes_per_token
 from train.hardware import device_name
@@ -63,8 +63,8 @@ def run_variant(variant: str, benchmark=None, table: dict[str, dict[str, str]] =
             "cache_bytes_per_token": cache_bytes_per_token(cfg, 2 if cuda else 4)}
 
 
-def suite() -> list[dict]:
-    return [run_variant(variant) for variant in VARIANTS]
+def suite() -> list[Case]:
+    return [case(variant, run_variant, variant) for variant in VARIANTS]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -9,6 +9,7 @@ a GPU, where the cached run covers 5 MB, the size of enwik8's test split (goal o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from contextlib import nullcontext
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from bench.bench_train_step import bench_config
-from bench.timing import report
+from bench.timing import Case, report
 from model import GPT
 from train.evaluate import evaluate_bytes, evaluate_cached
 from train.hardware import device_name
@@ -71,9 +72,10 @@ def run_case(protocol: str, model=None, benchmark=None) -> dict:
             "run_seconds": seconds}
 
 
-def suite() -> list[dict]:
-    model = make_model("cuda" if torch.cuda.is_available() else "cpu")
-    return [run_case(protocol, model) for protocol in PROTOCOLS]
+def suite() -> list[Case]:
+    """The protocols on one model, built when the first case runs."""
+    shared = functools.cache(lambda: make_model("cuda" if torch.cuda.is_available() else "cpu"))
+    return [(protocol, lambda protocol=protocol: run_case(protocol, shared())) for protocol in PROTOCOLS]
 
 
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))

@@ -5,7 +5,7 @@ forward and forward+backward, reported as GB/s of ideal traffic against the devi
 """
 import torch
 
-from bench.timing import measure, row_kernel_suite, row_kernel_test
+from bench.timing import Case, measure, row_kernel_suite, row_kernel_test
 from kernels import layernorm
 from kernels.reference import layernorm_ref
 
@@ -31,7 +31,7 @@ def run_case(impl: str, rows: int, d: int, pass_: str, benchmark=None) -> dict:
                    name=f"{case}/{impl}", reference=f"{case}/compiled", dtype="bf16", shape=f"{rows}x{d}")
 
 
-def suite() -> list[dict]:
+def suite() -> list[Case]:
     return row_kernel_suite(run_case, IMPLS)
 
 

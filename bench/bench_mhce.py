@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.timing import needs_cuda, report, time_kernels
+from bench.timing import Case, case, needs_cuda, report, time_kernels
 from kernels import multihead_cross_entropy
 from kernels.reference import IGNORE_INDEX, multihead_cross_entropy_ref
 from train.hardware import device_name
@@ -85,13 +85,13 @@ def run_case(impl: str, n_pos: int, benchmark=None, n_heads: int = 13) -> dict:
     return info
 
 
-GPU_IMPLS = ["gemm", "fused", "batched", "compiled"]
+GPU_IMPLS = ["compiled", "gemm", "fused", "batched"]  # the reference first
 
 
-def suite() -> list[dict]:
+def suite() -> list[Case]:
     if torch.cuda.is_available():
-        return [run_case(impl, n, n_heads=h) for h, n in GPU_CASES for impl in GPU_IMPLS]
-    return [run_case(impl, CPU_SIZES[0]) for impl in ["batched", "loop"]]
+        return [case(f"H={h}/N={n}/{impl}", run_case, impl, n, n_heads=h) for h, n in GPU_CASES for impl in GPU_IMPLS]
+    return [case(f"N={CPU_SIZES[0]}/{impl}", run_case, impl, CPU_SIZES[0]) for impl in ["loop", "batched"]]
 
 
 @pytest.mark.parametrize("n_pos", CPU_SIZES)

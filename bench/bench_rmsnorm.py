@@ -5,7 +5,7 @@ reported as GB/s of ideal traffic against the device's measured copy bandwidth.
 """
 import torch
 
-from bench.timing import measure, row_kernel_suite, row_kernel_test
+from bench.timing import Case, measure, row_kernel_suite, row_kernel_test
 from kernels import rmsnorm
 from kernels.reference import rmsnorm_ref
 
@@ -30,7 +30,7 @@ def run_case(impl: str, rows: int, d: int, pass_: str, benchmark=None) -> dict:
                    name=f"{case}/{impl}", reference=f"{case}/compiled", dtype="bf16", shape=f"{rows}x{d}")
 
 
-def suite() -> list[dict]:
+def suite() -> list[Case]:
     return row_kernel_suite(run_case, IMPLS)
 
 

@@ -53,8 +53,15 @@ def bench_section(out: Path, rc: int) -> list[str]:
              "this run.", "", "| case | dtype | shape | time | speed-up | more |", "|---|---|---|---|---|---|"]
     for r in data["results"]:
         more = extra_fields(r, sep=" ", timing_prefix="timed as ")
-        ratio = f"{ratios[r['name']]:.3f}" if r["name"] in ratios else "reference"
+        ratio = (f"{ratios[r['name']]:.3f}" if r["name"] in ratios
+                 else "reference" if r.get("reference") == r["name"] else "its reference did not run")
         lines.append(f"| {r['name']} | {r['dtype']} | {r['shape']} | {r['seconds'] * 1e3:.4g} ms | {ratio} | {more} |")
+    notes = [f"- **FAILED** {e['case']}: {e['error']}" for e in data.get("errors", [])]
+    if data.get("skipped"):
+        notes.append(f"- not run (time budget or interrupt): {', '.join(data['skipped'])}")
+    if not data.get("complete", True):
+        notes.append(f"- **incomplete** (python -m bench exit code {rc}): the table holds what was measured")
+    lines += ["", *notes] if notes else []
     lines += ["", "Goals (from the issues): " + "; ".join(f"{k}: {v}" for k, v in GOALS.items()), ""]
     return lines + loss_winners(data["results"], ratios)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from typing import Callable
 
 import pytest
 import torch
@@ -18,6 +19,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU bench
 L2_FLUSH_BYTES = 256 << 20  # inputs are rotated until this much has been touched: past any current L2
 SHAPES = [(8192, 512), (8192, 2048), (32768, 512), (32768, 2048)]  # rows x d of the elementwise/row kernels
 PASSES = ["fwd", "fwd+bwd"]
+Case = tuple[str, Callable[[], dict]]  # one case of a suite: (label, measure() -> result), run one at a time
+
+
+def case(label: str, fn, *args, **kwargs) -> Case:
+    """A suite's case: fn(*args, **kwargs) measures it and returns its result."""
+    return label, functools.partial(fn, *args, **kwargs)
 
 
 def copies(make, nbytes_each: int) -> list:
@@ -121,12 +128,14 @@ def measure(benchmark, step, make, traffic: int, input_bytes: int, **info) -> di
     return info
 
 
-def row_kernel_suite(run_case, impls) -> list[dict]:
-    """Every shape x pass x implementation of a row-wise kernel (GPU only; on a CPU the kernels run only
-    interpreted, which says nothing about speed)."""
+def row_kernel_suite(run_case, impls) -> list[Case]:
+    """Every shape x pass x implementation of a row-wise kernel, the compiled reference first in each (GPU only;
+    on a CPU the kernels run only interpreted, which says nothing about speed)."""
     if not torch.cuda.is_available():
         return []
-    return [run_case(impl, rows, d, pass_) for rows, d in SHAPES for pass_ in PASSES for impl in impls]
+    ordered = sorted(impls, key=lambda impl: impl != "compiled")
+    return [case(f"{pass_}/{rows}x{d}/{impl}", run_case, impl, rows, d, pass_)
+            for rows, d in SHAPES for pass_ in PASSES for impl in ordered]
 
 
 def row_kernel_test(run_case, impls):

@@ -11,7 +11,7 @@ from bench.compare import compare, device_class, extra_fields, failed, median_ra
 
 
 def result(name, seconds, reference="x/ref"):
-    return {"name": name, "reference": reference, "seconds": seconds, "dtype": "fp32"}
+    return {"name": name, "reference": reference, "seconds": seconds, "dtype": "fp32", "shape": "4x5"}
 
 
 def test_ratio_is_reference_time_over_time_within_one_run():
@@ -62,8 +62,9 @@ def synthetic(monkeypatch, tmp_path):
     """The runner with one fake suite whose candidate takes `speed["seconds"]`, baselines in tmp_path."""
     speed = {"seconds": 1.0}
     monkeypatch.setattr(compare_mod, "BASELINES", tmp_path)
-    monkeypatch.setattr(runner, "SUITES", {"fake": lambda: [result("fake/ref", 2.0, "fake/ref"),
-                                                           result("fake/new", speed["seconds"], "fake/ref")]})
+    monkeypatch.setattr(runner, "SUITES", {"fake": lambda: [("ref", lambda: result("fake/ref", 2.0, "fake/ref")),
+                                                           ("new", lambda: result("fake/new", speed["seconds"],
+                                                                                  "fake/ref"))]})
     monkeypatch.setattr(runner, "device_name", lambda: "cpu")
     return speed, tmp_path
 
@@ -81,6 +82,79 @@ def test_check_passes_then_fails_on_a_regression(synthetic, capsys):
     assert runner.main(["--check"]) == 1
     assert "fake/new (regressed)" in capsys.readouterr().err
     assert runner.main(["--check", "--tolerance", "0.3"]) == 0
+
+
+def raises(error):
+    def measure():
+        raise error
+    return measure
+
+
+def test_a_failing_case_and_an_interrupt_keep_what_was_measured(monkeypatch, tmp_path, capsys):
+    """One case raises (reported, the others run), then SIGINT arrives (the device suite's time limit): the table
+    and the JSON hold the measured cases, name the failure and the cases not run, and the exit code says so."""
+    import bench.summary as summary
+    monkeypatch.setattr(runner, "device_name", lambda: "cpu")
+    monkeypatch.setattr(runner, "SUITES", {
+        "a": lambda: [("ref", lambda: result("a/ref", 2.0, "a/ref")), ("boom", raises(ValueError("bad shape"))),
+                      ("new", lambda: result("a/new", 1.0, "a/ref"))],
+        "b": lambda: [("orphan", lambda: result("b/orphan", 1.0, "b/ref")), ("cut", raises(KeyboardInterrupt())),
+                      ("never", lambda: result("b/never", 1.0, "b/ref"))],
+        "c": lambda: [("later", lambda: result("c/later", 1.0, "c/later"))]})
+    path = tmp_path / "bench.json"
+    assert runner.main(["--json", str(path)]) == 130
+    out = capsys.readouterr()
+    assert "a/new" in out.out and "no ref" in out.out and "FAILED a/boom: ValueError: bad shape" in out.out
+    assert "ValueError: bad shape" in out.err  # the traceback
+    data = json.loads(path.read_text())
+    assert [r["name"] for r in data["results"]] == ["a/ref", "a/new", "b/orphan"]
+    assert data["ratios"] == {"a/new": 2.0} and not data["complete"]
+    assert data["errors"] == [{"case": "a/boom", "error": "ValueError: bad shape"}]
+    assert data["skipped"] == ["b/cut", "b/never", "c/later"]
+    text = "\n".join(summary.bench_section(tmp_path, 130))
+    assert "| a/new | fp32 | 4x5 |" in text and "| 2.000 |" in text and "its reference did not run" in text
+    assert "**FAILED** a/boom" in text and "b/cut, b/never, c/later" in text and "**incomplete**" in text
+    assert runner.main(["--only", "c"]) == 0
+
+
+def test_the_budget_stops_new_cases_and_the_json_follows_every_case(monkeypatch, tmp_path):
+    """With a budget no case starts after it (a fake clock: each case takes 10 s); the JSON file is rewritten
+    after every case, so a SIGKILL leaves what was measured before it."""
+    clock = {"now": 0.0}
+    seen = []
+
+    def timed(name):
+        def measure():
+            clock["now"] += 10
+            return result(name, 1.0, "s/a")
+        return measure
+    monkeypatch.setattr(runner, "SUITES", {"s": lambda: [(n, timed(f"s/{n}")) for n in "abcde"]})
+    outcome = runner.run_suites(["s"], 0.0, budget=25, progress=lambda o: seen.append(len(o["results"])),
+                                clock=lambda: clock["now"])
+    assert [r["name"] for r in outcome["results"]] == ["s/a", "s/b", "s/c"]  # c starts at 20 s < 25 s
+    assert outcome["skipped"] == ["s/d", "s/e"] and not outcome["interrupted"] and seen == [1, 2, 3]
+    monkeypatch.setattr(runner, "device_name", lambda: "cpu")
+    path = tmp_path / "b.json"
+    assert runner.main(["--json", str(path), "--budget", "0"]) == 0
+    assert json.loads(path.read_text())["skipped"] == [f"s/{n}" for n in "abcde"]
+    assert runner.main(["--budget", "0", "--update-baseline"]) == 1  # a baseline needs every case
+
+
+def test_on_a_gpu_each_group_of_cases_starts_with_its_reference(monkeypatch):
+    """The GPU's case lists (only listed here, not run): a budget or an interrupt can cut a suite short, so within
+    each group the reference runs first, and t12's reference and real step lead the training steps."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("mhce", "layernorm", "rmsnorm", "swiglu"):
+        labels = [label for label, _ in runner.SUITES[name]()]
+        groups: dict[str, list[str]] = {}
+        for label in labels:
+            group, impl = label.rsplit("/", 1)
+            groups.setdefault(group, []).append(impl)
+        assert len(groups) > 1 and all(impls[0] == "compiled" and len(impls) > 2 for impls in groups.values())
+    steps = [label for label, _ in runner.SUITES["train_step"]()]
+    assert steps[:2] == ["t12/reference", "t12/run"] and "t12-modern/run" in steps
+    assert steps.index("t12-modern/reference") < steps.index("t12-modern/run")
+    assert steps.index("t12-xl/reference") < steps.index("t12-xl/run")
 
 
 def test_kernel_measurement_reports_device_and_bandwidth(monkeypatch):
