@@ -14,7 +14,7 @@
 #
 # Steps: environment; GPU parity tests of every kernel in bf16 and fp32 (and the model, KV cache, attention);
 # the kernel, training-step and evaluator benchmarks (python -m bench); a 1-minute T12 training run with its loss
-# curve; a markdown summary. Everything lands in OUT_DIR (8 files at most, as the device tool returns them):
+# curve and a profile of 3 of its steps (train.profile; its profile.txt goes into the summary); a markdown summary. Everything lands in OUT_DIR (8 files at most, as the device tool returns them):
 # env.txt parity.log parity.xml bench.txt bench.json t12_metrics.jsonl curves.png summary.md
 # Each step has a time limit (SIGINT, then SIGKILL 20 s later; exit code 124/137 in the summary), so that one
 # slow step cannot cost the others their numbers inside a device call of 10 minutes.
@@ -108,7 +108,7 @@ if [ "$KERNELS" = 0 ] && [ "$VARIANTS" = 0 ]; then
   step "$PRESET training for $TRAIN_TIME s"
   timeout -s INT -k 20 $LIMIT_TRAIN $PY -m train --preset=$PRESET --data.source=$DATA --out_dir="$WORK/run" \
     --train.max_time=$TRAIN_TIME --train.max_steps=0 --train.eval_interval=100 --train.full_eval_interval=0 \
-    --train.ckpt_interval=0 > "$WORK/train.log" 2>&1
+    --train.ckpt_interval=0 --train.profile=3 > "$WORK/train.log" 2>&1
   TRAIN=$?
   tail -3 "$WORK/train.log"
   cp "$WORK/run/metrics.jsonl" "$OUT_DIR/t12_metrics.jsonl" 2>/dev/null
@@ -120,7 +120,7 @@ NO_TRAIN=""
 { [ "$KERNELS" = 1 ] || [ "$VARIANTS" = 1 ]; } && NO_TRAIN="--no-train"
 # shellcheck disable=SC2086
 $PY -m bench.summary "$OUT_DIR" --parity-rc $PARITY --bench-rc $BENCH --train-rc $TRAIN $NO_TRAIN \
-  --train-log "$WORK/train.log" > "$OUT_DIR/summary.md"
+  --train-log "$WORK/train.log" --profile "$WORK/run/profile.txt" > "$OUT_DIR/summary.md"
 cat "$OUT_DIR/summary.md"
 echo
 echo "wrote $OUT_DIR; keep summary.md as bench/results/<card>-<date>.md"

@@ -1,6 +1,7 @@
 """The device suite's markdown summary, from what bench/device_suite.sh wrote into its output folder.
 
-    python -m bench.summary OUT_DIR [--parity-rc N] [--bench-rc N] [--train-rc N] [--train-log PATH] [--no-train]
+    python -m bench.summary OUT_DIR [--parity-rc N] [--bench-rc N] [--train-rc N] [--train-log PATH] [--profile PATH]
+                                    [--no-train]
 """
 from __future__ import annotations
 
@@ -111,6 +112,14 @@ def train_section(out: Path, rc: int, log: Path | None) -> list[str]:
     return lines + [""]
 
 
+def profile_section(path: Path | None) -> list[str]:
+    """The training run's train.profile summary (profile.txt): where a step's time goes."""
+    if path is None or not path.exists():
+        return []
+    return ["### Where a step's time goes (train.profile, 3 steps after 5)", "", "```", *path.read_text().splitlines(),
+            "```", ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path)
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench-rc", type=int, default=0)
     p.add_argument("--train-rc", type=int, default=0)
     p.add_argument("--train-log", type=Path)
+    p.add_argument("--profile", type=Path, help="the training run's profile.txt")
     p.add_argument("--no-train", action="store_true",
                    help="the suite ran without its training step (--kernels, --variants)")
     args = p.parse_args(argv)
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += parity_section(args.out, args.parity_rc)
     lines += bench_section(args.out, args.bench_rc)
     lines += (["## Training run", "", "not run (a --kernels or --variants lease)", ""] if args.no_train
-              else train_section(args.out, args.train_rc, args.train_log))
+              else train_section(args.out, args.train_rc, args.train_log) + profile_section(args.profile))
     print("\n".join(lines))
     return 0
 

@@ -110,6 +110,25 @@ def test_profile_writes_a_chrome_trace_of_the_asked_steps(small_corpus, tmp_path
     assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])  # the steps' operators
     assert {"event": "profile", "steps": 3, "trace": str(tmp_path / "run" / "trace.json")} in read_metrics(
         tmp_path / "run")
+    text = (tmp_path / "run" / "profile.txt").read_text()
+    assert text.startswith("3 steps traced: ") and "ms wall time per step" in text and "self CPU time" in text
+    assert "aten::" in text  # the table of the top operators
+
+
+def test_gpu_kernels_fall_into_families():
+    from train.profiler import kernel_family
+    assert kernel_family("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_family("nvjet_tst_128x64_64x6_1x1_v_bz_coopA_TNT") == "matmul"
+    assert kernel_family("triton_tem_fused_mm_3") == "matmul"
+    assert kernel_family("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kernel_family("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+    assert kernel_family("triton_per_fused_native_layer_norm_7") == "inductor (fused pointwise and reductions)"
+    assert kernel_family("_ce_rows_kernel") == "charlm Triton kernels"
+    assert kernel_family("Memcpy HtoD (Pinned -> Device)") == "copies and fills"
+    assert kernel_family("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>") \
+        == "copies and fills"
+    assert kernel_family("void at::native::reduce_kernel<512, 1>") == "ATen (eager) kernels"
+    assert kernel_family("something_else") == "other"
 
 
 def test_activation_checkpointing_changes_no_loss_and_no_weight(small_corpus, tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip and count steps with a non-finite loss or gradient norm instead of stopping
     fsdp: bool = False  # shard parameters, gradients and optimiser state with FSDP2 (torchrun, 2+ ranks)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
-    profile: int = 0  # trace this many steps (after 5 warm-up steps) with torch.profiler into <out_dir>/trace.json
+    profile: int = 0  # trace this many steps (after 5 warm-up) with torch.profiler: <out_dir>/trace.json, profile.txt
 
 
 @dataclass
