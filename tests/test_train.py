@@ -115,6 +115,33 @@ def test_profile_writes_a_chrome_trace_of_the_asked_steps(small_corpus, tmp_path
     assert "aten::" in text  # the table of the top operators
 
 
+def test_the_gpu_profile_summary_adds_kernel_time_by_family_without_annotations():
+    """profile.txt's GPU branch on made-up events (2 steps, 10 ms wall): kernels only, record_function ranges
+    (user annotations, which span kernels) and CPU operators left out of the busy time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from train.profiler import summary_text
+
+    class Events(list):
+        def table(self, sort_by, row_limit, max_name_column_width):
+            return f"table sorted by {sort_by}"
+
+    def event(key, us, device=DeviceType.CUDA, annotation=False, count=2):
+        return SimpleNamespace(key=key, self_device_time_total=us, device_type=device, is_user_annotation=annotation,
+                               count=count)
+    events = Events([event("sm90_xmma_gemm_bf16", 8000), event("triton_poi_fused_add_0", 2000),
+                     event("_mhce_kernel", 1000), event("ProfilerStep#5", 9000, annotation=True),
+                     event("aten::mm", 8000, device=DeviceType.CPU)])
+    text = summary_text(events, steps=2, seconds=0.02, cuda=True)
+    assert text.startswith("2 steps traced: 10.00 ms wall time per step")
+    assert "GPU busy 5.50 ms per step (55% of the wall time" in text and "3 kernels per step" in text
+    assert "matmul" in text and "4.00 ms" in text and "charlm Triton kernels" in text
+    assert "table sorted by self_device_time_total" in text
+    assert "no GPU kernels recorded" in summary_text(Events([event("aten::mm", 1, DeviceType.CPU)]), 1, 1.0, True)
+
+
 def test_gpu_kernels_fall_into_families():
     from train.profiler import kernel_family
     assert kernel_family("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
