@@ -89,9 +89,16 @@ step "environment"
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 
-step "parity tests ($PARITY_TESTS)"
+# The GPU machine has pytest-xdist and 16 cores: 4 test processes share the GPU, so that the tests' compilation
+# (CPU-bound) runs side by side. PARITY_WORKERS=0 runs them in one process.
+WORKERS=""
+if [ "${PARITY_WORKERS:-4}" != 0 ] && [ "$DRY" = 0 ] && $PY -c "import xdist" 2> /dev/null; then
+  WORKERS="-n ${PARITY_WORKERS:-4}"
+fi
+step "parity tests ($PARITY_TESTS) ${WORKERS:-in one process}"
 # shellcheck disable=SC2086
-timeout -s INT -k 20 $LIMIT_PARITY $PY -m pytest -q -p no:cacheprovider $PARITY_TESTS --junitxml="$OUT_DIR/parity.xml" > "$OUT_DIR/parity.log" 2>&1
+timeout -s INT -k 20 $LIMIT_PARITY $PY -m pytest -q -p no:cacheprovider $WORKERS $PARITY_TESTS \
+  --junitxml="$OUT_DIR/parity.xml" > "$OUT_DIR/parity.log" 2>&1
 PARITY=$?
 tail -5 "$OUT_DIR/parity.log"
 
