@@ -46,12 +46,13 @@ def bench_config(preset: str):
 def cases_here() -> list[tuple[str, str]]:
     """(preset, implementation) pairs timed on this machine: on a GPU every implementation of t12 and t12-modern
     and the real step of t12-xl (memory; each compiled case costs ~40 s of compilation in the device suite's
-    budget), most wanted first, since the suite stops at its time budget: the real steps' MFU, then the kernels'
-    effect (compiled with and without them; eager and compiled t12 were measured on the first H200); on a CPU the
-    cpu preset without the Triton kernels (which run there only interpreted)."""
+    budget), most wanted first, since the suite stops at its time budget: the real steps' MFU of t12 and
+    t12-modern, then the kernels' effect (compiled with and without them; eager and compiled t12 were measured
+    on the first H200); on a CPU the cpu preset without the Triton kernels (which run there only interpreted)."""
     if torch.cuda.is_available():
-        first = ["reference", "run", "charlm-compiled-triton", "charlm-compiled"]
-        return ([("t12", impl) for impl in first] + [("t12-modern", impl) for impl in first]
+        kernels_effect = ["charlm-compiled-triton", "charlm-compiled"]
+        return ([(preset, impl) for preset in ("t12", "t12-modern") for impl in ("reference", "run")]
+                + [(preset, impl) for preset in ("t12", "t12-modern") for impl in kernels_effect]
                 + [("t12", "charlm-eager"), ("t12-xl", "reference"), ("t12-xl", "run")])
     return [("cpu", impl) for impl in IMPLS if not impl.endswith("triton")]
 
