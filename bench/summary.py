@@ -64,7 +64,22 @@ def bench_section(out: Path, rc: int) -> list[str]:
         notes.append(f"- **incomplete** (python -m bench exit code {rc}): the table holds what was measured")
     lines += ["", *notes] if notes else []
     lines += ["", "Goals (from the issues): " + "; ".join(f"{k}: {v}" for k, v in GOALS.items()), ""]
-    return lines + loss_winners(data["results"], ratios)
+    return lines + loss_winners(data["results"], ratios) + kernel_verdicts(data["results"])
+
+
+def kernel_verdicts(results: list[dict]) -> list[str]:
+    """Whether charlm's Triton kernels speed up each preset's compiled training step (issue #11: t12 switches to
+    model.kernels=triton if they do), from the charlm-compiled and charlm-compiled-triton cases."""
+    seconds = {r["name"]: r["seconds"] for r in results}
+    lines = []
+    for preset in ("t12", "t12-modern"):
+        plain, fused = (seconds.get(f"train_step/{preset}/{impl}") for impl in ("charlm-compiled",
+                                                                                 "charlm-compiled-triton"))
+        if plain and fused:
+            verdict = "faster" if fused < plain else "slower"
+            lines.append(f"- {preset}: {verdict} with the Triton kernels ({fused * 1e3:.3g} ms against "
+                         f"{plain * 1e3:.3g} ms a step, {plain / fused:.2f}x)")
+    return ["Compiled training step with model.kernels=triton against torch:", "", *lines, ""] if lines else []
 
 
 def loss_winners(results: list[dict], ratios: dict) -> list[str]:

@@ -117,6 +117,17 @@ def test_a_failing_case_and_an_interrupt_keep_what_was_measured(monkeypatch, tmp
     assert runner.main(["--only", "c"]) == 0
 
 
+def test_the_summary_says_whether_the_kernels_speed_up_each_compiled_step():
+    from bench.summary import kernel_verdicts
+    rows = [result("train_step/t12/charlm-compiled", 0.020), result("train_step/t12/charlm-compiled-triton", 0.025),
+            result("train_step/t12-modern/charlm-compiled", 0.020),
+            result("train_step/t12-modern/charlm-compiled-triton", 0.016)]
+    text = "\n".join(kernel_verdicts(rows))
+    assert "- t12: slower with the Triton kernels (25 ms against 20 ms a step, 0.80x)" in text
+    assert "- t12-modern: faster with the Triton kernels (16 ms against 20 ms a step, 1.25x)" in text
+    assert kernel_verdicts(rows[:1]) == []  # nothing to compare
+
+
 def test_the_budget_stops_new_cases_and_the_json_follows_every_case(monkeypatch, tmp_path):
     """With a budget no case starts after it (a fake clock: each case takes 10 s); the JSON file is rewritten
     after every case, so a SIGKILL leaves what was measured before it."""
