@@ -14,10 +14,14 @@
 #
 # Steps: environment; GPU parity tests of every kernel in bf16 and fp32 (and the model, KV cache, attention);
 # the kernel, training-step and evaluator benchmarks (python -m bench); a 1-minute T12 training run with its loss
-# curve and a profile of 3 of its steps (train.profile; its profile.txt goes into the summary); a markdown summary. Everything lands in OUT_DIR (8 files at most, as the device tool returns them):
+# curve and a profile of 3 of its steps (train.profile; its profile.txt goes into the summary); a markdown
+# summary. Everything lands in OUT_DIR (8 files at most, as the device tool returns them):
 # env.txt parity.log parity.xml bench.txt bench.json t12_metrics.jsonl curves.png summary.md
 # Each step has a time limit (SIGINT, then SIGKILL 20 s later; exit code 124/137 in the summary), so that one
-# slow step cannot cost the others their numbers inside a device call of 10 minutes.
+# slow step cannot cost the others their numbers inside a device call of 10 minutes. PARITY_SECONDS,
+# BENCH_SECONDS and TRAIN_SECONDS override the limits, to fit what is left of a lease (e.g. a short --variants
+# call right after the main one: `PARITY_SECONDS=60 BENCH_SECONDS=120 bash bench/device_suite.sh --variants`;
+# the benchmarks keep to their budget, BENCH_SECONDS - 60 or half of it, and keep what they measured).
 # Keep the summary as bench/results/<card>-<date>.md. A parity failure makes the script exit 1, loudly, but only
 # after every other step has run and written what it measured.
 # The machine has torch, triton, pytest, pytest-benchmark, numpy, tqdm and matplotlib but not gensim: carry the
@@ -78,6 +82,9 @@ if [ "$KERNELS" = 1 ]; then
   BENCH_ARGS="--only ${BENCH_ONLY:-mhce layernorm rmsnorm swiglu}"
   LIMIT_PARITY=90; LIMIT_BENCH=240
 fi
+LIMIT_PARITY=${PARITY_SECONDS:-$LIMIT_PARITY}
+LIMIT_BENCH=${BENCH_SECONDS:-$LIMIT_BENCH}
+LIMIT_TRAIN=${TRAIN_SECONDS:-$LIMIT_TRAIN}
 
 step "environment"
 {
@@ -104,7 +111,8 @@ tail -5 "$OUT_DIR/parity.log"
 
 step "benchmarks (python -m bench)"
 # shellcheck disable=SC2086
-timeout -s INT -k 20 $LIMIT_BENCH $PY -m bench $BENCH_ARGS --budget $((LIMIT_BENCH - 60)) --json "$OUT_DIR/bench.json" \
+BUDGET=$((LIMIT_BENCH - 60 > LIMIT_BENCH / 2 ? LIMIT_BENCH - 60 : LIMIT_BENCH / 2))  # no case starts after it
+timeout -s INT -k 20 $LIMIT_BENCH $PY -m bench $BENCH_ARGS --budget $BUDGET --json "$OUT_DIR/bench.json" \
   > "$OUT_DIR/bench.txt" 2>&1
 BENCH=$?
 tail -60 "$OUT_DIR/bench.txt"
