@@ -179,3 +179,15 @@ def test_training_flops_per_token_count_every_matmul_and_the_active_heads():
     blocks = L * (3 * D * D + D * D + D * F + F * D)  # qkv, out-projection, fc, proj (positions are lookups)
     assert model.flops_per_token(0) == 6 * blocks + 12 * L * D * T
     assert model.flops_per_token(24) - model.flops_per_token(2) == 6 * 22 * V * D
+
+
+def test_mfu_peaks_tell_card_variants_apart():
+    """The dense bf16 peak by device name: PCIe and NVL H100s are not the SXM part, an A10 is not an A100, an L40S
+    is not an L4; an unknown card has no peak (no MFU rather than a wrong one)."""
+    from train.hardware import peak_for_name
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == peak_for_name("NVIDIA H200") == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe") == 756e12 and peak_for_name("NVIDIA H100 NVL") == 835e12
+    assert peak_for_name("NVIDIA A100-SXM4-80GB") == peak_for_name("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak_for_name("NVIDIA A10") == 125e12 and peak_for_name("NVIDIA A10G") is None
+    assert peak_for_name("NVIDIA L40S") == 362e12 and peak_for_name("NVIDIA L4") == 121e12
+    assert peak_for_name("NVIDIA GeForce RTX 4090") is None

@@ -3,18 +3,26 @@ datasheets (SXM parts). MFU = the model's training FLOPs per second / this peak.
 from __future__ import annotations
 
 import platform
+import re
 
 import torch
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # by substring of the device name
+PEAK_BF16_FLOPS = [  # (pattern searched in the device name, dense bf16 FLOP/s), the first match wins
+    (r"H100.*PCIe", 756e12), (r"H100 NVL", 835e12), (r"H100|H200|GH200", 989e12),
+    (r"A100", 312e12), (r"\bA10\b", 125e12), (r"L40S", 362e12), (r"\bL4\b", 121e12),
+]
+
+
+def peak_for_name(name: str) -> float | None:
+    """The dense bf16 peak of a card by its name ('NVIDIA H100 PCIe'), or None for a card not in the table."""
+    return next((peak for pattern, peak in PEAK_BF16_FLOPS if re.search(pattern, name)), None)
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
     """The card's dense bf16 peak, or None (a CPU, or a card not in the table)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 def device_name() -> str:
