@@ -127,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
             break
     results = list(measured.values())
     current, spread = median_ratios(runs)
-    for r in results:
-        r["ratio"] = current.get(r["name"])  # None for a reference
     print(f"\n{device} ({device_class(device)}): speed-up over the reference, measured in the same run\n")
     print(table(results, current))
     if args.repeat > 1:

@@ -62,8 +62,8 @@ else
                 tests/test_model_kernels.py
                 tests/test_kv_cache.py tests/test_gpu.py"
 fi
-# Most wanted first: python -m bench starts no case past its budget (LIMIT_BENCH - 60 s) and keeps what it measured
-# when the limit interrupts it. The loss variants and LayerNorm are new; then the variants' steps, which have
+# Most wanted first: python -m bench starts no case past its budget (BUDGET below) and keeps what it measured when
+# the limit interrupts it. The loss variants and LayerNorm are new; then the variants' steps, which have
 # leases of their own but come free here when time is left; RMSNorm, SwiGLU and the evaluator were measured on the
 # first H200.
 BENCH_ARGS="--only mhce layernorm train_step architectures attention rmsnorm swiglu eval"
@@ -110,8 +110,8 @@ PARITY=$?
 tail -5 "$OUT_DIR/parity.log"
 
 step "benchmarks (python -m bench)"
-# shellcheck disable=SC2086
 BUDGET=$((LIMIT_BENCH - 60 > LIMIT_BENCH / 2 ? LIMIT_BENCH - 60 : LIMIT_BENCH / 2))  # no case starts after it
+# shellcheck disable=SC2086
 timeout -s INT -k 20 $LIMIT_BENCH $PY -m bench $BENCH_ARGS --budget $BUDGET --json "$OUT_DIR/bench.json" \
   > "$OUT_DIR/bench.txt" 2>&1
 BENCH=$?

@@ -1,5 +1,5 @@
 """What known accelerators can do, for model-FLOPs utilisation (MFU): dense bf16 tensor-core peaks from the vendors'
-datasheets (SXM parts). MFU = the model's training FLOPs per second / this peak."""
+datasheets (each form factor its own). MFU = the model's training FLOPs per second / this peak."""
 from __future__ import annotations
 
 import platform
