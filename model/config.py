@@ -38,7 +38,7 @@ class ModelConfig:
     intermediate_loss: bool = False  # a head after each block but the last; layer l stops at l/(2n)
     intermediate_weight: float = 1.0  # loss weight of each active intermediate head
     intermediate_targets: int = 1  # each intermediate layer predicts t+1..t+k (t+k weighted by target_weights)
-    mem_len: int = 0  # Transformer-XL memory: earlier positions each layer also attends to (0 = off; needs rope)
+    mem_len: int = 0  # Transformer-XL memory: earlier positions every layer also sees (0 = off; rope or xl_relative)
     cmem_len: int = 0  # compressive memory: slots of compressed evicted memories per layer (0 = off; needs mem_len)
     cmem_ratio: int = 4  # compression rate: this many evicted memories -> one slot (1-D conv, kernel = stride)
     cmem_weight: float = 1.0  # weight of the compressor's attention-reconstruction loss (Rae et al. 2019)

@@ -287,6 +287,19 @@ def test_memory_evaluation_refuses_absolute_positions():
         evaluate_memory(model_for(small(pos_emb="learned", mem_len=0)), np.zeros(100, np.uint8), 0, 100, 16)
 
 
+@pytest.mark.parametrize("variant", [dict(attn_type="differential"), dict(attn_type="mla", kv_lora_rank=8,
+                                     rope_head_dim=4), dict(attn_pattern="local", attn_window=4),
+                                     dict(n_layer=3, hourglass=(1, 1, 1))])
+def test_memory_evaluation_refuses_layers_without_a_memory(variant):
+    """These layers train without a memory (model.errors()) and would ignore or misuse one: a memory evaluation of
+    them (--mem_len given at evaluation) is refused, not run as a different protocol under the memory's name."""
+    import numpy as np
+    from train.evaluate import evaluate_memory
+    model = model_for(small(mem_len=0, **variant))
+    with pytest.raises(ConfigError, match=r"--mode memory cannot run this model with a memory \(.*not implemented"):
+        evaluate_memory(model, np.zeros(100, np.uint8), 0, 100, 16, progress=False)
+
+
 def test_sampling_uses_the_memory_as_its_cache():
     """Greedy bytes from the memory sampler equal the argmax of one forward over the whole text in which every
     position sees the last mem_len + block_size - 1 positions."""

@@ -21,6 +21,7 @@ it. The last line of stdout is JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -155,11 +156,12 @@ def evaluate_cached(model, data: np.ndarray, a: int, b: int, streams: int = 16, 
     model.attn_pattern=local: attn_window positions, and the cache keeps only those).
     Its receptive field grows with depth (layer l sees l * (block_size - 1) bytes back), so it is not the
     function `strided` computes. The bytes are cut into `streams` contiguous parts run side by side; each part
-    first reads the (up to) block_size - 1 bytes before it, unscored. Needs relative positions (RoPE)."""
+    first reads the (up to) block_size - 1 bytes before it, unscored. Needs relative positions (RoPE or
+    Transformer-XL's)."""
     cfg = model.cfg
     if cfg.absolute_positions:
-        raise ConfigError(f"--mode cached needs relative positions (model.pos_emb=rope); this model uses "
-                          f"pos_emb={cfg.pos_emb}, whose absolute positions end at block_size: use --mode strided")
+        raise ConfigError(f"--mode cached needs relative positions (model.pos_emb=rope or xl_relative); this model "
+                          f"uses pos_emb={cfg.pos_emb}, whose absolute positions end at block_size: use --mode strided")
     if cfg.hourglass:
         raise ConfigError("--mode cached needs a KV cache, which model.hourglass does not have: use --mode strided")
     block = cfg.block_size
@@ -178,17 +180,21 @@ def evaluate_memory(model, data: np.ndarray, a: int, b: int, mem_len: int, strea
     """Protocol `memory`: the targets [a, b) cut into `streams` contiguous parts run side by side, each read
     segment after segment (`segment` bytes, default block_size) with a Transformer-XL memory of `mem_len`
     positions per layer (model/memory.py), which may exceed the training memory. Each part first reads the (up to)
-    mem_len bytes before it, unscored, to fill its memory. Needs relative positions (RoPE)."""
+    mem_len bytes before it, unscored, to fill its memory. Needs relative positions (RoPE or
+    Transformer-XL's)."""
     cfg = model.cfg
     if cfg.absolute_positions:
-        raise ConfigError(f"--mode memory needs relative positions (model.pos_emb=rope); this model uses "
-                          f"pos_emb={cfg.pos_emb}: use --mode strided")
+        raise ConfigError(f"--mode memory needs relative positions (model.pos_emb=rope or xl_relative); this model "
+                          f"uses pos_emb={cfg.pos_emb}: use --mode strided")
     if mem_len < 1:
         raise ConfigError("--mode memory needs a memory: --mem_len N (the model was trained without one)")
     segment = min(segment or cfg.block_size, cfg.block_size)
     if cfg.cmem_len and (segment % cfg.cmem_ratio or mem_len % cfg.cmem_ratio):
         raise ConfigError(f"a compressive memory compresses {cfg.cmem_ratio} positions at a time: --chunk "
                           f"({segment}) and --mem_len ({mem_len}) must be multiples of {cfg.cmem_ratio}")
+    problems = dataclasses.replace(cfg, mem_len=mem_len).errors()  # layers that would ignore or misuse a memory
+    if problems:
+        raise ConfigError(f"--mode memory cannot run this model with a memory ({problems[0]}): use --mode strided")
     inputs, targets, scored, streams = stream_layout(data, a, b, streams, mem_len, device)
     memory = SegmentMemory(cfg, streams, device, mem_len=mem_len)
     result = score_streams(model, inputs, targets, scored, segment, autocast, progress, "memory eval", memory=memory)
