@@ -43,3 +43,14 @@ def test_plain_lines_come_no_closer_than_the_interval(monkeypatch):
     assert stream.lines[-1][1].startswith("100%")
     assert len(stream.lines) <= elapsed / 1.0 + 2, [round(t - start, 2) for t in times]
     assert all(gap >= 0.95 for gap in gaps), gaps
+
+
+def test_a_bar_that_leaves_nothing_on_a_terminal_still_ends_with_its_last_line_in_a_log(monkeypatch):
+    """The evaluator's bars (leave=False) used to vanish from a log at their last interval line (82%)."""
+    stream = TimedStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = logger.progress_bar(total=7, desc="eval", leave=False)
+    for _ in range(7):
+        bar.update(1)
+    bar.close()
+    assert stream.lines and stream.lines[-1][1].startswith("eval: 100%") and "7/7" in stream.lines[-1][1]

@@ -80,9 +80,12 @@ class _Lines:
 
 def progress_bar(**kwargs) -> tqdm:
     """A tqdm bar on stderr: redrawn in place on a terminal; elsewhere one plain line at most every
-    PLAIN_INTERVAL_S seconds (and at the end) instead of a redraw every second."""
+    PLAIN_INTERVAL_S seconds and its final line (leave=False only clears a terminal's bar: a log keeps how it
+    ended) instead of a redraw every second."""
     if sys.stderr.isatty():
         return tqdm(file=sys.stderr, **kwargs)
-    # maxinterval too: past it, tqdm's monitor thread forces a redraw (its default of 10 s gave a line every ~10 s)
-    plain = {"mininterval": PLAIN_INTERVAL_S, "maxinterval": PLAIN_INTERVAL_S}
+    # miniters=1: tqdm's monitor thread then never forces a redraw (it does only for miniters > 1: a line every
+    # maxinterval, 10 s by default, and the next update() drew one more at once, since a forced redraw leaves the
+    # time of the last line as it was)
+    plain = {"mininterval": PLAIN_INTERVAL_S, "maxinterval": PLAIN_INTERVAL_S, "miniters": 1, "leave": True}
     return tqdm(file=_Lines(sys.stderr), **(kwargs | plain))
