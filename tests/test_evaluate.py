@@ -86,6 +86,17 @@ def test_evaluate_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == f"error: no checkpoint at {tmp_path / 'missing.pt'}"
 
 
+@pytest.mark.parametrize("mode, option, message", [
+    ("strided", ["--mem_len", "64"], "--mode strided does not use --mem_len (--mode memory)"),
+    ("cached", ["--stride", "4", "--dyn_lr", "0.1"],
+     "--mode cached does not use --stride (--mode strided), --dyn_lr (--mode dynamic)"),
+    ("dynamic", ["--streams", "2"], "--mode dynamic does not use --streams (--mode cached / memory)")])
+def test_evaluate_cli_refuses_an_option_its_mode_does_not_use(tmp_path, mode, option, message):
+    """An option of another mode is an error, not dropped: `--mode strided --mem_len 64` scored no memory."""
+    r = run_cli("--ckpt", str(tmp_path / "missing.pt"), "--mode", mode, *option, module="train.evaluate")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {message}"
+
+
 def rope_model(n_layer=2, block=16, seed=0):
     torch.manual_seed(seed)
     return GPT(ModelConfig(n_layer=n_layer, n_head=2, d_model=16, d_ff=32, block_size=block, pos_emb="rope")).eval()

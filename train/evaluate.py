@@ -215,6 +215,12 @@ def whole_file(path: str):
     return Corpus(file.name, file, data, {"file": (0, n)}, sha256_file(file))
 
 
+MODE_OPTIONS = {"stride": ("strided",), "batch_size": ("strided",), "streams": ("cached", "memory"),
+                "chunk": ("cached", "memory"), "mem_len": ("memory",), "dyn_lr": ("dynamic",),
+                "dyn_decay": ("dynamic",), "dyn_segment": ("dynamic",), "dyn_stat_batches": ("dynamic",)}
+"""The modes that read each mode-specific option: one given to another mode is refused, not silently dropped."""
+
+
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import model_from_checkpoint
     from train.data import load_corpus
@@ -246,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
     try:
+        unused = [f"--{name} (--mode {' / '.join(modes)})" for name, modes in MODE_OPTIONS.items()
+                  if args.mode not in modes and getattr(args, name) != p.get_default(name)]
+        if unused:
+            raise ConfigError(f"--mode {args.mode} does not use {', '.join(unused)}")
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model, cfg, ckpt = model_from_checkpoint(args.ckpt, device)
         data_cfg = DataConfig(**{**vars(cfg.data), **{k: v for k, v in (("source", args.source),
