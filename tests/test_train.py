@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_cli, tiny_config
+from conftest import REPO, copy_run, read_metrics, run_cli, tiny_config
 from train.config import Args
 from train.loop import train
 
@@ -46,6 +46,17 @@ def test_resume_continues_from_the_checkpoint(tiny_run, tmp_path):
     assert len(resume) == 1 and resume[0]["step"] == 20 and resume[0]["config"]["train"]["max_steps"] == 30
     assert [l["step"] for l in lines if "event" not in l][-2:] == [25, 30]
     assert torch.load(copy / "ckpt.pt", weights_only=True)["step"] == 30
+
+
+def test_resuming_past_the_budget_says_so_and_trains_nothing(tiny_run, tmp_path):
+    out, _ = tiny_run
+    copy = copy_run(out, tmp_path / "copy")
+    r = run_cli("--resume", f"--out_dir={copy}", "--train.max_steps=10", "--train.final_eval=false")
+    assert r.returncode == 0, r.stderr
+    assert "step 20: the budget is already spent (progress 100%); nothing to train" in r.stderr
+    assert any(line.startswith("100%") for line in r.stderr.splitlines())  # the bar starts where the run is
+    assert "done: 20 steps" in r.stdout
+    assert torch.load(copy / "ckpt.pt", weights_only=True)["step"] == 20
 
 
 def test_sample_cli_generates_bytes(tiny_run):

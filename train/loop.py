@@ -415,8 +415,11 @@ class Run:
 
     def loop(self) -> dict:
         t = self.cfg.train
-        bar = progress_bar(total=100, disable=not self.dd.main, mininterval=1.0,
-                           bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
+        if self.done() and self.dd.main:
+            print(f"step {self.step}: the budget is already spent (progress {self.progress():.0%}); nothing to train",
+                  file=sys.stderr, flush=True)
+        bar = progress_bar(total=100, initial=round(100 * self.progress(), 1), disable=not self.dd.main,
+                           mininterval=1.0, bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
         last = {}
         self.raw.train()
         profiler = StepProfiler(t.profile, self.out, self.device.type == "cuda", enabled=self.dd.main)
