@@ -415,9 +415,8 @@ class Run:
 
     def loop(self) -> dict:
         t = self.cfg.train
-        if self.done() and self.dd.main:
-            print(f"step {self.step}: the budget is already spent (progress {self.progress():.0%}); nothing to train",
-                  file=sys.stderr, flush=True)
+        if self.done() and self.dd.main:  # a resume past the budget
+            print(f"step {self.step}: the budget is already spent; nothing to train", file=sys.stderr, flush=True)
         bar = progress_bar(total=100, initial=round(100 * self.progress(), 1), disable=not self.dd.main,
                            mininterval=1.0, bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]")
         last = {}
