@@ -215,10 +215,10 @@ def whole_file(path: str):
     return Corpus(file.name, file, data, {"file": (0, n)}, sha256_file(file))
 
 
+# the modes that read each mode-specific option: one given to another mode is refused, not silently dropped
 MODE_OPTIONS = {"stride": ("strided",), "batch_size": ("strided",), "streams": ("cached", "memory"),
                 "chunk": ("cached", "memory"), "mem_len": ("memory",), "dyn_lr": ("dynamic",),
                 "dyn_decay": ("dynamic",), "dyn_segment": ("dynamic",), "dyn_stat_batches": ("dynamic",)}
-"""The modes that read each mode-specific option: one given to another mode is refused, not silently dropped."""
 
 
 def main(argv: list[str] | None = None) -> int:
