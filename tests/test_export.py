@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 from conftest import run_cli
 from model import GPT
 from train.checkpoint import model_from_checkpoint
-from train.config import tiny, to_dict
+from train.config import ConfigError, tiny, to_dict
+from train.export import require_transformers
 from train.sample import generate
 
 PROMPT = "Wiki "
@@ -148,3 +150,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and "pass --overwrite" in r.stderr and (busy / "keep.txt").read_text() == "mine"
     r = run_cli("--ckpt", str(ckpt), "--to", "hf", "--out", str(busy), "--overwrite", module="train.export")
     assert r.returncode == 0 and json.loads((busy / "config.json").read_text())["model_type"] == "gpt2"
+
+
+class ShadowedKernels(types.ModuleType):
+    """transformers >= 5.25 where charlm's `kernels` comes first on the path: its models fail to import."""
+
+    def __getattr__(self, name):
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels' (/repo/kernels/__init__.py)")
+
+
+@pytest.mark.parametrize("installed, message", [(None, "exporting needs transformers"),
+                                                (ShadowedKernels("transformers"), "pip uninstall -y kernels")],
+                         ids=["missing", "kernels-shadowed"])
+def test_transformers_that_cannot_load_models_is_a_one_line_error(monkeypatch, installed, message):
+    monkeypatch.setitem(sys.modules, "transformers", installed)
+    with pytest.raises(ConfigError) as raised:
+        require_transformers()
+    assert message in str(raised.value) and "\n" not in str(raised.value)

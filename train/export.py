@@ -126,6 +126,18 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False)
 
 
+def require_transformers() -> None:
+    """A one-line error where transformers is missing, or where it cannot load its models because charlm's own
+    `kernels` package takes the import name of Hugging Face's `kernels` (a dependency of transformers >= 5.25)."""
+    try:
+        from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: F401
+    except ImportError as e:
+        if "kernels" in str(e):
+            raise ConfigError("transformers imports Hugging Face's `kernels` package, whose name charlm's `kernels` "
+                              "package takes: pip install 'transformers<5.25' && pip uninstall -y kernels") from None
+        raise ConfigError("exporting needs transformers: pip install 'transformers<5.25'") from None
+
+
 def export_hf(ckpt_path: Path, out: Path, overwrite: bool = False) -> dict:
     """Write the HF model of a checkpoint into `out`; returns what was done (architecture, dropped heads)."""
     from train.checkpoint import load_checkpoint
@@ -141,10 +153,7 @@ def export_hf(ckpt_path: Path, out: Path, overwrite: bool = False) -> dict:
     if feature is not None:
         raise ConfigError(f"cannot export to Hugging Face: {feature} has no exact counterpart in "
                           f"{'GPT-2' if target == 'gpt2' else 'Llama'}")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ConfigError("exporting needs transformers: pip install transformers") from None
+    require_transformers()
     model, weights = gpt2_model(cfg, state) if target == "gpt2" else llama_model(cfg, state)
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight")
