@@ -75,6 +75,10 @@ def run_suites(names: list[str], started: float, budget: float | None = None, pr
                 outcome["results"].append(result)
                 print(f"[{clock() - started:5.0f} s] {result['name']}: {result['seconds'] * 1e3:.4g} ms "
                       f"({clock() - t0:.0f} s)", file=sys.stderr, flush=True)
+                if result["name"] != full:  # kept, but --check finds baselines by suite name: a failure
+                    error = f"its result is named {result['name']}, not {full}"
+                    outcome["errors"].append({"case": full, "error": error})
+                    print(f"[{clock() - started:5.0f} s] {full}: FAILED {error}", file=sys.stderr, flush=True)
             progress(outcome)
     return outcome
 

@@ -31,7 +31,7 @@ ARCHITECTURES = {
 
 
 def run_architecture(variant: str, benchmark=None) -> dict:
-    return run_variant(variant, benchmark, table=ARCHITECTURES, group="architecture", baseline="baseline")
+    return run_variant(variant, benchmark, table=ARCHITECTURES, group="architectures", baseline="baseline")
 
 
 def suite() -> list[Case]:

@@ -84,6 +84,21 @@ def test_check_passes_then_fails_on_a_regression(synthetic, capsys):
     assert runner.main(["--check", "--tolerance", "0.3"]) == 0
 
 
+def test_a_case_named_outside_its_suite_fails_and_keeps_its_number(synthetic, monkeypatch, capsys):
+    """--check finds a suite's baseline cases by the suite's name: the architectures suite once named its cases
+    architecture/..., so its stored baseline was never compared. Such a result is kept in the table but fails the
+    run, and no baseline is written from it."""
+    speed, folder = synthetic
+    monkeypatch.setattr(runner, "SUITES", {"fake": lambda: [("ref", lambda: result("fake/ref", 2.0, "fake/ref")),
+                                                           ("new", lambda: result("fakes/new", 1.0, "fake/ref"))]})
+    assert runner.main(["--update-baseline"]) == 1
+    assert not (folder / "cpu.json").exists()
+    (folder / "cpu.json").write_text(json.dumps({"device": "cpu", "tolerance": 0.2, "ratios": {"fakes/new": 2.0}}))
+    assert runner.main(["--check"]) == 1
+    out = capsys.readouterr().out
+    assert "fakes/new" in out and "FAILED fake/new: its result is named fakes/new, not fake/new" in out
+
+
 def raises(error):
     def measure():
         raise error
