@@ -63,6 +63,12 @@ def test_learned_positions_refuse_a_stream_past_block_size(pos_emb):
             model(x[:, t:t + 8], cache=cache)
         with pytest.raises(ValueError, match=f"pos_emb={pos_emb} has positions 0..23 only.*reaches position 24"):
             model(x[:, 24:25], cache=cache)
+        narrow = KVCache(model.cfg, 1, window=8, chunk=4, device="cpu")  # rolls: positions count from the stream
+        for t in range(0, 24, 4):
+            model(x[:, t:t + 4], cache=narrow)
+        assert narrow.start > 0 and narrow.start + narrow.length == 24
+        with pytest.raises(ValueError, match="reaches position 24"):
+            model(x[:, 24:25], cache=narrow)
         rope = GPT(small(pos_emb="rope")).eval()
         cache = KVCache(rope.cfg, 1, window=24, chunk=8, device="cpu")
         for t in range(0, 30, 6):

@@ -36,6 +36,22 @@ def test_one_expert_with_top_1_is_the_dense_mlp(activation):
     torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
+def test_the_route_bias_moves_the_choice_but_not_the_gates():
+    """DeepSeek-V3's balancing bias takes part in selection only: an expert it forces into every token's top k is
+    weighted by its router probability alone, and the other experts keep theirs."""
+    torch.manual_seed(2)
+    moe = MoE(small(moe_top_k=2))
+    with torch.no_grad():
+        moe.route_bias[3] = 5.0
+    x = torch.randn(29, 20)
+    probs, choice, gates = moe.route(x)
+    expected = torch.softmax(moe.router(x).float(), dim=-1)
+    assert (choice == 3).any(dim=1).all()
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(gates, expected.gather(1, choice))
+    assert float(gates.max()) < 1.0
+
+
 @pytest.mark.parametrize("dispatch", ["padded", "grouped"])
 @pytest.mark.parametrize("top_k,shared,activation", [(1, 0, "gelu"), (2, 1, "swiglu"), (3, 2, "relu")])
 def test_dispatch_equals_the_loop_over_experts_with_every_gradient(top_k, shared, activation, dispatch):

@@ -34,6 +34,28 @@ def test_a_stack_of_matrices_is_orthogonalised_matrix_by_matrix(shape):
         torch.testing.assert_close(one, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_a_muon_step_is_the_orthogonalised_nesterov_momentum_scaled_by_the_aspect_ratio():
+    """Two steps on a tall and a wide matrix against the formula: decay, buf = m buf + (1 - m) g, update
+    (1 - m) g + m buf orthogonalised, times lr * sqrt(max(1, rows / cols))."""
+    torch.manual_seed(3)
+    lr, momentum, decay = 0.02, 0.9, 0.1
+    tall, wide = torch.nn.Parameter(torch.randn(12, 5)), torch.nn.Parameter(torch.randn(5, 12))
+    expected = [tall.detach().clone(), wide.detach().clone()]
+    buffers = [torch.zeros(12, 5), torch.zeros(5, 12)]
+    opt = Muon([{"params": [tall, wide], "muon": True, "weight_decay": decay}], lr=lr, betas=(0.9, 0.95),
+               momentum=momentum)
+    for _ in range(2):
+        grads = [torch.randn(12, 5), torch.randn(5, 12)]
+        tall.grad, wide.grad = (g.clone() for g in grads)
+        opt.step()
+        for i, (g, (rows, cols)) in enumerate(zip(grads, [(12, 5), (5, 12)])):
+            buffers[i] = momentum * buffers[i] + (1 - momentum) * g
+            update = orthogonalise((1 - momentum) * g + momentum * buffers[i])
+            expected[i] = expected[i] * (1 - lr * decay) - lr * max(1.0, rows / cols) ** 0.5 * update
+    torch.testing.assert_close(tall.detach(), expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wide.detach(), expected[1], rtol=1e-5, atol=1e-6)
+
+
 def model_and_optimizer(seed=0, **train):
     cfg = tiny()
     cfg.model.pos_emb = "learned_per_layer"

@@ -1,13 +1,14 @@
 """The optimisers' construction: AdamW and Adam take their fused form on a CPU too, and step as the for-each
-form does."""
+form does; the learning-rate schedule."""
 import copy
+import math
 
 import pytest
 import torch
 
 from model import GPT, ModelConfig
 from train.config import TrainConfig
-from train.optim import build_optimizer, param_groups
+from train.optim import build_optimizer, lr_at, param_groups
 
 
 @pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)])
@@ -29,3 +30,16 @@ def test_adam_is_fused_on_a_cpu_and_steps_like_the_for_each_form(name, cls):
     for p, q, before in zip(model.parameters(), reference.parameters(), start.parameters()):
         assert not torch.equal(p, before)
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_the_schedule_warms_up_from_the_first_step_then_decays_or_stays():
+    """Warmup: the first step already trains (lr / warmup_steps), the last warmup step reaches lr; then cosine
+    from lr to lr * min_lr_ratio as progress goes 0 -> 1 (clamped outside), or constant."""
+    t = TrainConfig(lr=2e-3, warmup_steps=4, min_lr_ratio=0.1, schedule="cosine")
+    assert [lr_at(t, step, 0.0) for step in range(4)] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3])
+    floor = 2e-4
+    for progress, expected in [(0.0, 2e-3), (0.25, floor + 1.8e-3 * 0.5 * (1 + math.cos(math.pi / 4))),
+                               (0.5, 1.1e-3), (1.0, floor), (1.5, floor), (-0.1, 2e-3)]:
+        assert lr_at(t, 10, progress) == pytest.approx(expected), progress
+    constant = TrainConfig(lr=2e-3, warmup_steps=0, schedule="constant")
+    assert [lr_at(constant, step, p) for step, p in [(0, 0.0), (7, 0.5), (99, 1.0)]] == [2e-3] * 3

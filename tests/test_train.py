@@ -82,6 +82,18 @@ def test_greedy_sampling_is_the_same_with_and_without_the_cache(pos_emb):
     assert len(cached) == 60 and cached == uncached
 
 
+def test_sampling_draws_only_among_the_top_k_and_greedy_takes_the_largest():
+    from train.sample import pick
+    logits = torch.randperm(256).float() * 0.3  # distinct, 0.3 apart
+    top = set(torch.topk(logits, 5).indices.tolist())
+    generator = torch.Generator().manual_seed(0)
+    drawn = [pick(logits, 1.0, 5, generator) for _ in range(2000)]
+    assert set(drawn) == top  # every one of the 5, nothing else
+    assert pick(logits, 0.0, 0, None) == int(logits.argmax())
+    hot = [pick(logits, 100.0, 0, generator) for _ in range(2000)]
+    assert len(set(hot)) > 200  # a high temperature flattens the distribution over all 256 bytes
+
+
 def test_sample_cli_no_cache_matches(tiny_run):
     out, _ = tiny_run
     args = ("--ckpt", str(out / "ckpt.pt"), "--prompt", "The ", "--tokens", "80", "--temperature", "0")
@@ -300,3 +312,48 @@ def test_every_active_heads_loss_is_logged_and_plotted(small_corpus, tmp_path):
     r = run_cli(str(tmp_path / "run"), "--out", str(tmp_path / "curves.png"), module="train.plot")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_gradients_are_clipped_to_grad_clip_and_the_norm_before_clipping_is_returned(small_corpus, tmp_path,
+                                                                                     grad_clip):
+    from train.loop import Run
+    run = Run(Args(tiny_config(small_corpus, tmp_path / "run", train__grad_clip=str(grad_clip)), "tiny"))
+    try:
+        torch.manual_seed(0)
+        for p in run.raw.parameters():
+            p.grad = torch.randn_like(p)
+        before = torch.cat([p.grad.flatten() for p in run.raw.parameters()]).norm()
+        if not grad_clip:
+            assert run.grad_norm(want=False) is None  # nothing to clip and nothing logged: not even computed
+        norm = run.grad_norm(want=True)
+        after = torch.cat([p.grad.flatten() for p in run.raw.parameters()]).norm()
+        torch.testing.assert_close(norm, before)
+        torch.testing.assert_close(after, torch.tensor(grad_clip) if grad_clip else before, rtol=1e-4, atol=0)
+    finally:
+        run.close()
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_their_whole_batch(small_corpus, tmp_path, monkeypatch):
+    """grad_accum=2 of batch 2 is batch 4: each micro-batch's loss is scaled by 1/grad_accum (SGD, which unlike
+    Adam would follow a gradient twice as large)."""
+    import copy
+
+    from train.data import BatchPrefetcher
+    from train.guard import StopOnSignal
+    from train.loop import Run
+    cfg = tiny_config(small_corpus, tmp_path / "run", train__grad_accum="2", train__batch_size="2",
+                      train__optimizer="sgd", train__momentum="0", train__weight_decay="0", train__grad_clip="0")
+    run = Run(Args(cfg, "tiny"))
+    try:
+        start = copy.deepcopy(run.raw)
+        drawn, draw = [], BatchPrefetcher.next
+        monkeypatch.setattr(BatchPrefetcher, "next", lambda self: drawn.append(draw(self)) or drawn[-1])
+        run.train_step(StopOnSignal(verbose=False))
+        assert len(drawn) == 2
+        x, y = (torch.cat([batch[i] for batch in drawn]) for i in (0, 1))
+        start(x, y, run.head_weights())[0].backward()
+        for (name, p), q in zip(run.raw.named_parameters(), start.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        run.close()
