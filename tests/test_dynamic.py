@@ -63,6 +63,40 @@ def test_it_learns_from_what_it_has_scored_and_restores_the_weights():
         assert torch.equal(p, before[n]), n
 
 
+def test_the_second_segment_is_scored_with_the_documented_update():
+    """theta <- theta - lr g / (rms + eps), then a pull of min(1, decay rms / mean(rms)) back toward theta_0 (at
+    decay 0.9 the pull saturates at 1 for parameters whose rms exceeds 1.11x the mean: they return to theta_0)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from train.dynamic import EPS_REL
+    model, rms = model_and_rms(seed=5)
+    text = np.random.default_rng(6).integers(0, 256, 26, dtype=np.uint8)
+    lr, decay = 3e-2, 0.9
+    mean = torch.cat([r.flatten() for r in rms]).mean()
+    assert any(bool((decay * r / mean > 1).any()) for r in rms)  # the clamp matters here
+    scored = evaluate_dynamic(model, text, 16, 26, segment=5, lr=lr, decay=decay, rms=rms, progress=False,
+                              per_byte=True)["per_byte_nll"]
+    reference = copy.deepcopy(model).eval()
+    params = list(reference.parameters())
+
+    def losses(net, w0, w1):
+        rows = torch.from_numpy(text[w0:w1].astype(np.int64))[None]
+        return F.cross_entropy(net(rows[:, :-1])[0, -5:], rows[0, -5:], reduction="none")
+    first = losses(reference, 4, 21)  # targets 16..20, with the context before them
+    grads = torch.autograd.grad(first.mean(), params, allow_unused=True)
+    with torch.no_grad():
+        for p, g, r in zip(params, grads, rms):
+            if g is not None:
+                step = lr * g / (r + EPS_REL * mean)
+                p -= (1 - torch.clamp(decay * r / mean, max=1.0)) * step
+        second = losses(reference, 9, 26)  # targets 21..25
+        static = losses(model.eval(), 9, 26)  # the trained weights, restored
+    torch.testing.assert_close(scored, torch.cat([first.detach(), second]), rtol=1e-5, atol=1e-6)
+    assert (second - static).abs().max() > 1e-4  # the update did change the scores
+
+
 def test_a_diverging_run_is_an_error_not_a_number():
     model, rms = model_and_rms(seed=3)
     text = np.tile(np.random.default_rng(4).integers(0, 256, 23, dtype=np.uint8), 30)
