@@ -1,16 +1,19 @@
 """Dynamic evaluation (train/dynamic.py): with lr 0 it is the strided protocol; no byte is scored after the model
-trained on it; it learns from what it has scored; the trained weights come back; the CLI reports its protocol."""
+trained on it; it learns from what it has scored, by the documented update; the trained weights come back; the CLI
+reports its protocol."""
+import copy
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import run_cli, tiny_config
 from model import GPT, ModelConfig
 from train.config import Args, ConfigError
-from train.dynamic import evaluate_dynamic, gradient_rms
+from train.dynamic import EPS_REL, evaluate_dynamic, gradient_rms
 from train.evaluate import evaluate_bytes
 from train.loop import train
 
@@ -66,11 +69,6 @@ def test_it_learns_from_what_it_has_scored_and_restores_the_weights():
 def test_the_second_segment_is_scored_with_the_documented_update():
     """theta <- theta - lr g / (rms + eps), then a pull of min(1, decay rms / mean(rms)) back toward theta_0 (at
     decay 0.9 the pull saturates at 1 for parameters whose rms exceeds 1.11x the mean: they return to theta_0)."""
-    import copy
-
-    import torch.nn.functional as F
-
-    from train.dynamic import EPS_REL
     model, rms = model_and_rms(seed=5)
     text = np.random.default_rng(6).integers(0, 256, 26, dtype=np.uint8)
     lr, decay = 3e-2, 0.9

@@ -1,7 +1,7 @@
 """Mixture of experts (model.moe_experts): one expert with top-1 is the dense MLP; the sorted dispatch (padded and
 grouped) equals the loop over experts (outputs and every gradient) and compiles with fullgraph; the router learns;
-the balance loss; bias balancing evens out a skewed router; layout knobs; and a short training run logging expert
-loads."""
+the balance loss; bias balancing evens out a skewed router and moves the choice, not the gates; layout knobs; and
+a short training run logging expert loads."""
 import copy
 import math
 

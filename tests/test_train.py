@@ -335,8 +335,8 @@ def test_gradients_are_clipped_to_grad_clip_and_the_norm_before_clipping_is_retu
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_their_whole_batch(small_corpus, tmp_path, monkeypatch):
-    """grad_accum=2 of batch 2 is batch 4: each micro-batch's loss is scaled by 1/grad_accum (SGD, which unlike
-    Adam would follow a gradient twice as large)."""
+    """grad_accum=2 of batch 2 is batch 4: the accumulated gradient is the whole batch's, each micro-batch's loss
+    scaled by 1/grad_accum (Adam would all but hide a gradient twice as large; SGD, the t12 recipe, follows it)."""
     import copy
 
     from train.data import BatchPrefetcher
