@@ -59,7 +59,7 @@ def run_suites(names: list[str], started: float, budget: float | None = None, pr
             if outcome["interrupted"] or (budget is not None and clock() - started >= budget):
                 outcome["skipped"].append(full)
                 continue
-            t0 = clock()
+            t0, error = clock(), None
             try:
                 result = measure()
             except KeyboardInterrupt:
@@ -69,16 +69,15 @@ def run_suites(names: list[str], started: float, budget: float | None = None, pr
             except Exception as e:  # one case's failure must not cost the other cases their numbers
                 traceback.print_exc()
                 error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                outcome["errors"].append({"case": full, "error": error})
-                print(f"[{clock() - started:5.0f} s] {full}: FAILED {error}", file=sys.stderr, flush=True)
             else:
                 outcome["results"].append(result)
                 print(f"[{clock() - started:5.0f} s] {result['name']}: {result['seconds'] * 1e3:.4g} ms "
                       f"({clock() - t0:.0f} s)", file=sys.stderr, flush=True)
                 if result["name"] != full:  # kept, but --check finds baselines by suite name: a failure
                     error = f"its result is named {result['name']}, not {full}"
-                    outcome["errors"].append({"case": full, "error": error})
-                    print(f"[{clock() - started:5.0f} s] {full}: FAILED {error}", file=sys.stderr, flush=True)
+            if error is not None:
+                outcome["errors"].append({"case": full, "error": error})
+                print(f"[{clock() - started:5.0f} s] {full}: FAILED {error}", file=sys.stderr, flush=True)
             progress(outcome)
     return outcome
 
