@@ -2,6 +2,7 @@
 import re
 
 import pytest
+import torch
 
 from conftest import REPO
 from train.config import (PRESETS, Config, ConfigError, from_dict, help_text, knob_table, parse_args, to_dict)
@@ -34,6 +35,18 @@ def test_overrides_are_typed():
     (["--model.n_layer"], "--model.n_layer needs a value"),
     (["--model.dropout=1.5"], "model.dropout must be in [0, 1)"),
     (["--model.pos_emb=rope", "--model.d_model=30", "--model.n_head=2"], "needs an even head dimension"),
+    (["--model.n_layer=0"], "model.n_layer must be >= 1 (got 0)"),
+    (["--model.d_ff=-2"], "model.d_ff must be >= 1 (got -2)"),
+    (["--model.vocab_size=512"], "model.vocab_size must be 256 for byte-level data (got 512)"),
+    (["--model.intermediate_weight=-1"], "loss weights must be >= 0"),
+    (["--model.n_targets=2", "--model.target_weights=1.0,-0.5"], "loss weights must be >= 0"),
+    (["--model.mem_len=-1"], "model.mem_len must be >= 0 (got -1)"),
+    (["--model.cmem_ratio=0"], "model.cmem_len and model.cmem_weight must be >= 0, model.cmem_ratio >= 1"),
+    (["--model.n_targets=32"], "model.n_targets=32 must be smaller than model.block_size=32"),
+    (["--train.eval_stride=33"], "train.eval_stride=33 must be at most model.block_size=32"),
+    (["--train.lr=nan"], "train.lr='nan': expected a finite number"),
+    (["--train.grad_clip=inf"], "train.grad_clip='inf': expected a finite number"),
+    (["--model.n_layer=inf"], "expected an integer"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message):
     """More cases than tests/test_bad_input.py, which runs the README's catalogue through the CLI."""
@@ -53,6 +66,37 @@ def test_from_dict_rejects_unknown_keys():
     d = to_dict(Config())
     d["model"]["n_layerz"] = 2
     with pytest.raises(ConfigError, match="unknown config key 'model.n_layerz'"):
+        from_dict(d)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.pos_emb=xl_relative"], "model.pos_emb=xl_relative shares its u and v across layers"),
+    (["--train.optimizer=muon"], "train.optimizer=muon needs whole weight matrices"),
+    (["--train.optimizer=ivon"], "train.optimizer=ivon works with neither train.fsdp"),
+])
+def test_what_fsdp_cannot_shard_is_refused_under_torchrun(monkeypatch, extra, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parse_args(["--preset=tiny", "--train.fsdp=true"]).cfg.errors() == []
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(["--preset=tiny", "--train.fsdp=true", *extra])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cuda_without_a_cuda_device_is_refused():
+    with pytest.raises(ConfigError, match="train.device=cuda but no CUDA device is available"):
+        parse_args(["--preset=tiny", "--train.device=cuda"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["model"].update(n_layer=True), "model.n_layer=True: expected an integer"),
+    (lambda d: d.update(out_dir=3), "out_dir=3: expected a string"),
+    (lambda d: d.update(model=3), "config section 'model' must be an object"),
+])
+def test_from_dict_rejects_ill_typed_values(edit, message):
+    """A checkpoint's or a config.json's config is JSON: a bool is not an integer, a number not a path."""
+    d = to_dict(Config())
+    edit(d)
+    with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict(d)
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import read_metrics, tiny_config
 from model import GPT
 from train.config import Args
-from train.guard import StopOnSignal, TrainingError
+from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
 from train.loop import train
 
 
@@ -88,3 +88,18 @@ def test_nonfinite_loss_between_log_steps_is_named_when_read(monkeypatch, small_
     assert read_metrics(tmp_path / "run")[-1] == {"event": "nonfinite", "step": 7,
                                                   "what": "train loss is nan at step 7"}
     assert torch.load(ckpt, weights_only=True)["step"] == 5
+
+
+def test_the_device_flag_keeps_the_first_bad_step_and_names_its_quantity():
+    """A finite loss with an infinite gradient norm is named as the norm; a later bad step does not overwrite the
+    first one; reading clears the flag; no norm (not computed on this step) counts as finite."""
+    flag = NonFiniteFlag(torch.device("cpu"))
+    flag.update(1, torch.tensor(2.5), torch.tensor(1.0))
+    flag.update(2, torch.tensor(2.4), None)
+    assert flag.read() is None
+    flag.update(3, torch.tensor(2.3), torch.tensor(float("inf")))
+    flag.update(4, torch.tensor(float("nan")), torch.tensor(1.0))
+    assert flag.read() == (3, "gradient norm is inf at step 3")
+    assert flag.read() is None
+    flag.update(5, torch.tensor(float("-inf")), None)
+    assert flag.read() == (5, "train loss is -inf at step 5")
