@@ -1,9 +1,12 @@
 """Corpus resolution, splits, identity and batches."""
+import bz2
 import hashlib
 import io
 import json
+import lzma
 import math
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from conftest import run_cli
 from train import data as data_mod
+from train import datastats
 from train.config import ConfigError, DataConfig
 from train.data import SAMPLE_BYTES, BatchPrefetcher, RandomWindows, load_corpus, random_batch, split_bounds
 from train.datastats import corpus_stats
@@ -140,17 +144,33 @@ def test_an_error_in_the_batch_thread_reaches_the_training_thread():
 
 def test_dataset_statistics_of_a_known_file(tmp_path):
     path = tmp_path / "pages.xml"
-    path.write_bytes(b"<page>xy</page>" * 100)  # 1,500 bytes: 100 pages of 15 bytes
+    payload = b"<page>xy</page>" * 100 + b"!"  # 1,501 bytes: 100 pages of 15 bytes and one byte seen once
+    path.write_bytes(payload)
     stats = corpus_stats(load_corpus(DataConfig(source=str(path))))
     whole = stats["whole"]
-    assert whole["bytes"] == 1500 and whole["distinct"] == 9
-    p = [2 / 15] * 6 + [1 / 15] * 3  # < p a g e > twice a page; x y / once
-    assert math.isclose(whole["order0_bpc"], -sum(q * math.log2(q) for q in p), rel_tol=1e-12)
+    assert whole["bytes"] == 1501 and whole["distinct"] == 10
+    counts = [200] * 6 + [100] * 3 + [1]  # < p a g e > twice a page; x y / once; ! once in the file
+    assert math.isclose(whole["order0_bpc"], -sum(c / 1501 * math.log2(c / 1501) for c in counts), rel_tol=1e-12)
     assert whole["pages"] == 100 and whole["mean_bytes"] == whole["median_bytes"] == whole["p90_bytes"] == 15
-    assert all(0 < whole[f"{c}_bpc"] < 1 for c in ("zlib", "bz2", "lzma"))  # repetition compresses well
-    assert stats["train"]["bytes"] + stats["val"]["bytes"] + stats["test"]["bytes"] == 1500
+    compressed = {"zlib": zlib.compress(payload, 9), "bz2": bz2.compress(payload, 9),
+                  "lzma": lzma.compress(payload, preset=6)}
+    assert {c: whole[f"{c}_bpc"] for c in compressed} == {c: 8 * len(b) / 1501 for c, b in compressed.items()}
+    assert stats["train"]["bytes"] + stats["val"]["bytes"] + stats["test"]["bytes"] == 1501
+    (tmp_path / "out").mkdir()  # an existing folder is written into
     r = run_cli("--stats", f"--data.source={path}", f"--out_dir={tmp_path / 'out'}", module="train.data")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["whole"]["distinct"] == 9
+    rows = [line for line in r.stdout.splitlines() if line.startswith("|")]
+    assert len(rows) == 6 and len({row.count("|") for row in rows}) == 1  # header, separator, 4 parts
+    assert rows[2].split(" | ")[:4] == ["| whole", "1,501", "10", f"{whole['order0_bpc']:.3f}"]
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["whole"]["distinct"] == 10
     assert (tmp_path / "out" / "byte_histogram.png").stat().st_size > 5000
     assert run_cli(module="train.data").returncode == 2  # nothing asked
+
+
+def test_dataset_statistics_of_a_missing_enwik8_are_an_error_not_the_sample(tmp_path, monkeypatch, capsys):
+    """The statistics describe the corpus asked for: no fallback to the sample when enwik8 cannot be had."""
+    monkeypatch.setattr(data_mod, "ENWIK8_URL", "http://127.0.0.1:9/enwik8.zip")  # nothing listens there
+    code = datastats.main(["--stats", "--data.source=enwik8", f"--data.data_dir={tmp_path}",
+                           f"--out_dir={tmp_path / 'out'}"])
+    assert code == 2 and "\nerror: could not download enwik8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

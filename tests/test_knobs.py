@@ -41,8 +41,8 @@ KNOBS = [
      "model__moe_expert_dim": "32"},  # eager fp32: the grouped matmul (moe_dispatch=auto)
     {"model__moe_experts": "4", "model__moe_balance": "bias", "model__activation": "swiglu", "model__moe_every": "2",
      "train__compile": "true"},  # loss-free balancing, SwiGLU experts, compiled (fullgraph routing)
-    {"model__n_layer": "4", "model__hourglass": "1,2,1", "model__shorten_factor": "4", "model__hourglass_pool": "linear",
-     "model__intermediate_loss": "true"},  # hourglass (Nawrot et al. 2022)
+    {"model__n_layer": "4", "model__hourglass": "1,2,1", "model__shorten_factor": "4",
+     "model__hourglass_pool": "linear", "model__intermediate_loss": "true"},  # hourglass (Nawrot et al. 2022)
     {"model__ngram_max": "3", "model__ngram_buckets": "97"},  # hashed n-gram input embeddings
     {"model__ngram_max": "4", "model__mem_len": "32", "model__pos_emb": "rope", "train__compile": "true"},
     {"model__head_bias": "false"},

@@ -1,5 +1,6 @@
 """Progress bars off a terminal: one plain line at most every PLAIN_INTERVAL_S seconds (and the last one at the
-end), whatever redraws tqdm's monitor thread would force."""
+end), whatever redraws tqdm's monitor thread would force; the training bar's text in bits per byte."""
+import math
 import sys
 import time
 
@@ -54,3 +55,11 @@ def test_a_bar_that_leaves_nothing_on_a_terminal_still_ends_with_its_last_line_i
         bar.update(1)
     bar.close()
     assert stream.lines and stream.lines[-1][1].startswith("eval: 100%") and "7/7" in stream.lines[-1][1]
+
+
+def test_the_training_bar_shows_the_train_loss_in_bits_beside_the_validation_bpc():
+    """train_loss is logged in nats; the bar converts it, so train and validation read on one scale."""
+    text = logger.bar_postfix({"step": 30, "train_loss": 2 * math.log(2), "val_bpc": 2.5, "lr": 1e-3})
+    assert text == "step 30, train_bpc 2, val_bpc 2.5"
+    assert logger.bar_postfix({"step": 1, "train_loss": math.log(256)}) == "step 1, train_bpc 8"
+    assert logger.bar_postfix({}) == ""

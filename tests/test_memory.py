@@ -409,7 +409,8 @@ def xl_flex_cases():
 @pytest.mark.parametrize("case", list(xl_flex_cases()))
 def test_xl_relative_flex_attention_matches_the_math_path(case):
     """pos_emb=xl_relative's CUDA path (FlexAttention: score_mod reads the distance table, block mask) against the
-    explicit scores, forward in fp32 (a CPU runs no flex backward: test_gpu_variants.py checks the gradients on CUDA)."""
+    explicit scores, forward in fp32 (a CPU runs no flex backward: test_gpu_variants.py checks the gradients on
+    CUDA)."""
     q_pos, k_pos, mask, span = xl_flex_cases()[case]
     model = model_for(small(pos_emb="xl_relative", mem_len=0))
     attn = model.blocks[1].attn

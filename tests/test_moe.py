@@ -1,7 +1,8 @@
 """Mixture of experts (model.moe_experts): one expert with top-1 is the dense MLP; the sorted dispatch (padded and
 grouped) equals the loop over experts (outputs and every gradient) and compiles with fullgraph; the router learns;
 the balance loss; bias balancing evens out a skewed router and moves the choice, not the gates; layout knobs; and
-a short training run logging expert loads."""
+a short training run logging expert loads; the trainer's expert-load sums (micro-batches, steps, log lines,
+checkpoint) against hand-computed values."""
 import copy
 import math
 
@@ -218,3 +219,50 @@ def test_a_run_with_bias_balancing_resumes_bit_for_bit(small_corpus, tmp_path):
 def test_bad_settings_are_one_line_errors(overrides, message):
     errors = small(**overrides).errors()
     assert len(errors) == 1 and message in errors[0], errors
+
+
+class FakeMoELayer:
+    """What ExpertLoads reads of a MoE layer: its routing result after a forward, and the bias update it asks for."""
+    n_experts = 3
+
+    def __init__(self):
+        self.routing, self.updates = type("Routing", (), {})(), []
+
+    def route(self, counts, balance):
+        self.routing.counts, self.routing.balance = torch.tensor(counts, dtype=torch.float32), torch.tensor(balance)
+
+    def update_bias(self, counts, rate):
+        self.updates.append((counts.tolist(), rate))
+
+
+def test_expert_loads_sum_micro_batches_and_steps_into_the_logged_loads():
+    """Two layers, a step of two micro-batches and a step of one: each step's counts reach the bias update, the log
+    line averages the per-layer fractions, the busiest expert over the mean and the balance loss per step; the sums
+    reset at the log line and survive a checkpoint round trip."""
+    from train.experts import ExpertLoads
+    first, second = FakeMoELayer(), FakeMoELayer()
+    loads = ExpertLoads([first, second], torch.device("cpu"), "bias", 0.01, world=1)
+    for micro_batches in ([([2, 1, 1], 1.2), ([0, 4, 0], 3.0)], [([1, 1, 2], 1.0), ([4, 0, 0], 2.0)]), \
+                         ([([1, 1, 1], 1.0), ([1, 1, 1], 1.0)],):
+        loads.start_step()
+        for (counts_1, balance_1), (counts_2, balance_2) in micro_batches:
+            first.route(counts_1, balance_1)
+            second.route(counts_2, balance_2)
+            loads.add_micro_batch(len(micro_batches))
+        loads.after_update()
+    assert first.updates == [([3, 2, 3], 0.01), ([1, 1, 1], 0.01)]
+    assert second.updates == [([4, 4, 0], 0.01), ([1, 1, 1], 0.01)]
+    restored = ExpertLoads([FakeMoELayer(), FakeMoELayer()], torch.device("cpu"), "bias", 0.01, world=1)
+    restored.restore(loads.state())
+    for record in (loads.record(steps=2), restored.record(steps=2)):
+        # counts [4, 3, 4] and [5, 5, 1] of 11 slots; balance per step (1.2 + 1.0) / 2 + 1.0 and (3 + 2) / 2 + 1.0
+        assert record["moe/load"] == [round(9 / 22, 4), round(8 / 22, 4), round(5 / 22, 4)]
+        assert math.isclose(record["moe/load_max_over_mean"], (12 / 11 + 15 / 11) / 2, rel_tol=1e-6)
+        assert math.isclose(record["moe/balance_loss"], (2.1 + 3.5) / 2 / 2, rel_tol=1e-6)
+    assert loads.record(steps=1) == {"moe/load": [0.0, 0.0, 0.0], "moe/load_max_over_mean": 0.0,
+                                     "moe/balance_loss": 0.0}
+    dense = ExpertLoads([], torch.device("cpu"), "bias", 0.01, world=1)  # no MoE layer: every method a no-op
+    dense.start_step()
+    dense.add_micro_batch(1)
+    dense.after_update()
+    assert not dense and dense.counts.numel() == 0

@@ -1,5 +1,7 @@
-"""python -m train.plot renders learning curves of several runs into one image."""
+"""python -m train.plot renders learning curves of several runs into one image: what its panels hold."""
 import json
+
+import pytest
 
 from conftest import run_cli
 
@@ -29,3 +31,40 @@ def test_plot_writes_a_png_of_several_runs(tmp_path):
 def test_plot_of_a_folder_without_metrics_is_an_error(tmp_path):
     r = run_cli(str(tmp_path), module="train.plot")
     assert r.returncode == 2 and r.stderr.startswith("error: no metrics.jsonl in")
+
+
+def test_the_curves_are_drawn_in_bits_against_steps_and_seconds(tmp_path, monkeypatch):
+    """What the panels hold, read off the figure: train loss converted from nats to bits, validation bpc as logged
+    (the whole-split value from the end event as its own marker), steps on the left and seconds on the right, and
+    for a run with several heads the final and the intermediate heads' losses in bits, labelled by head."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from train import plot as plot_mod
+    path = tmp_path / "heads"
+    path.mkdir()
+    rows = [{"event": "start", "step": 0}]
+    rows += [{"step": s, "train_time_s": s / 4, "train_loss": 2.0 * s, "loss/final/t+1": 2.0 * s,
+              "loss/final/t+2": 3.0 * s, "loss/L1/t+1": 4.0 * s, "loss/L2/t+1": 5.0 * s,
+              **({"val_bpc": 1.5 * s} if s % 2 == 0 else {})} for s in (1, 2, 3, 4)]
+    rows.append({"event": "end", "step": 4, "train_time_s": 1.0, "full_val_bpc": 2.25})
+    (path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_mod.plot([plot_mod.load_run(path)], tmp_path / "curves.png")
+    train_steps, train_time, val_steps, val_time, final, intermediate = figures[0].axes
+
+    def bits(per_step):
+        return pytest.approx([per_step * s / math.log(2) for s in (1, 2, 3, 4)], rel=1e-12)
+
+    def xy(line):
+        return [list(line.get_xdata()), list(line.get_ydata())]
+    for ax, x in ((train_steps, [1, 2, 3, 4]), (train_time, [0.25, 0.5, 0.75, 1.0])):
+        assert xy(ax.lines[0]) == [x, bits(2.0)]
+    for ax, x, end in ((val_steps, [2, 4], 4), (val_time, [0.5, 1.0], 1.0)):
+        assert xy(ax.lines[0]) == [x, [3.0, 6.0]] and xy(ax.lines[1]) == [[end], [2.25]]
+    drawn = {line.get_label(): list(line.get_ydata()) for ax in (final, intermediate) for line in ax.lines}
+    assert drawn == {"heads final/t+1": bits(2.0), "heads final/t+2": bits(3.0), "L1/t+1": bits(4.0),
+                     "L2/t+1": bits(5.0)}
+    assert intermediate.lines[0].get_color() != intermediate.lines[1].get_color()  # one colour per layer

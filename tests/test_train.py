@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import REPO, copy_run, read_metrics, run_cli, tiny_config
+from train.checkpoint import load_checkpoint
 from train.config import Args
 from train.loop import train
 
@@ -355,5 +356,29 @@ def test_accumulated_micro_batches_give_the_gradient_of_their_whole_batch(small_
         start(x, y, run.head_weights())[0].backward()
         for (name, p), q in zip(run.raw.named_parameters(), start.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    finally:
+        run.close()
+
+
+def test_a_resume_applies_overridden_optimiser_settings_and_keeps_the_saved_moments(tiny_run, small_corpus, tmp_path):
+    """--resume --train.weight_decay=0.5 --train.beta2=0.9: the resumed optimiser runs with the new settings (the
+    ones its config.json records), while its moments are the checkpoint's. torch's load_state_dict alone would
+    have put the saved settings back."""
+    from train.loop import Run
+    out = copy_run(tiny_run[0], tmp_path / "run")
+    saved = load_checkpoint(out / "ckpt.pt")["optimizer"]
+    overrides = {"train.weight_decay": "0.5", "train.beta2": "0.9", "train.max_steps": "30"}
+    run = Run(Args(tiny_config(small_corpus, out), "tiny", resume=True, overrides=overrides))
+    try:
+        groups = run.optimizer.param_groups
+        assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.5]
+        assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.9)}
+        assert run.config["train"]["weight_decay"] == 0.5 and run.config["train"]["beta2"] == 0.9
+        for name, p in run.raw.named_parameters():
+            torch.testing.assert_close(run.optimizer.state[p]["exp_avg"], saved["state"][name]["exp_avg"],
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(run.optimizer.state[p]["exp_avg_sq"], saved["state"][name]["exp_avg_sq"],
+                                       rtol=0, atol=0)
+        assert all(float(run.optimizer.state[p]["exp_avg_sq"].abs().sum()) > 0 for p in run.raw.parameters())
     finally:
         run.close()

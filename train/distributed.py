@@ -116,10 +116,18 @@ def full_state(raw: GPT, optimizer) -> tuple[dict, dict]:
 
 
 def load_full_state(raw: GPT, optimizer, model_state: dict, optim_state: dict) -> None:
+    """Model and optimiser state from a checkpoint. The optimiser's settings (betas, momentum, weight decay, Muon's
+    lr scale, ...: every entry of its parameter groups but the parameters and tensors) stay those it was built with
+    from the current config, so that a resume's overrides take effect; only its state (moments, momentum buffers,
+    IVON's Hessian) comes from the checkpoint. torch's load_state_dict would restore the saved settings instead."""
+    settings = [{k: v for k, v in group.items() if k != "params" and not torch.is_tensor(v)}
+                for group in optimizer.param_groups]
     if is_ivon(optimizer):
         raw.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state["ivon"])
         optimizer.current_step = optim_state["current_step"]
-        return
-    set_state_dict(raw, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
+    else:
+        set_state_dict(raw, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=True))
+    for group, kept in zip(optimizer.param_groups, settings, strict=True):
+        group.update(kept)

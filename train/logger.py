@@ -3,6 +3,7 @@ log file."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -76,6 +77,14 @@ class _Lines:
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def bar_postfix(last: dict) -> str:
+    """The training bar's text from the last log records: the step, the train loss converted from nats to bits per
+    byte (so it reads on the same scale as the validation bpc beside it) and the validation bpc."""
+    shown = {"step": last.get("step"), "val_bpc": last.get("val_bpc"),
+             "train_bpc": last["train_loss"] / math.log(2) if last.get("train_loss") is not None else None}
+    return ", ".join(f"{k} {shown[k]:.4g}" for k in ("step", "train_bpc", "val_bpc") if shown[k] is not None)
 
 
 def progress_bar(**kwargs) -> tqdm:

@@ -29,7 +29,7 @@ from train.experts import ExpertLoads
 from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
 from train.hardware import peak_bf16_flops
 from train.lock import RunLock
-from train.logger import MetricsLog, progress_bar
+from train.logger import MetricsLog, bar_postfix, progress_bar
 from train.profiler import StepProfiler
 from train.optim import build_optimizer, lr_at, sampling
 
@@ -430,8 +430,7 @@ class Run:
                     if record:
                         self.log.write(record)
                         last.update(record)
-                        bar.set_postfix_str(", ".join(f"{k} {last[k]:.4g}" for k in ("step", "train_loss", "val_bpc")
-                                                      if k in last), refresh=False)
+                        bar.set_postfix_str(bar_postfix(last), refresh=False)
                     if t.ckpt_interval and self.step % t.ckpt_interval == 0:
                         self.checkpoint()
                     bar.update(round(100 * self.progress(), 1) - bar.n)  # redrawn at the bar's interval
