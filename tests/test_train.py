@@ -1,4 +1,5 @@
 """The trainer through its command line: outputs, resume, bad input, sampling."""
+import hashlib
 import json
 
 import pytest
@@ -382,3 +383,19 @@ def test_a_resume_applies_overridden_optimiser_settings_and_keeps_the_saved_mome
         assert all(float(run.optimizer.state[p]["exp_avg_sq"].abs().sum()) > 0 for p in run.raw.parameters())
     finally:
         run.close()
+
+
+def test_a_resume_on_another_dataset_is_said_and_logged(tiny_run, small_corpus, tmp_path, capsys):
+    """Resuming on another corpus is allowed (fine-tuning) but not silent: a warning names both datasets, and the
+    resume event logs the new one; resuming on the same corpus says nothing."""
+    from train.loop import Run
+    other = tmp_path / "other.txt"
+    other.write_bytes(small_corpus.read_bytes()[::-1])
+    for source, warned in ((small_corpus, False), (other, True)):
+        out = copy_run(tiny_run[0], tmp_path / f"run-{other == source}")
+        run = Run(Args(tiny_config(small_corpus, out), "tiny", resume=True, overrides={"data.source": str(source)}))
+        run.close()
+        err = capsys.readouterr().err
+        assert ("warning: resuming on other.txt" in err and f"dataset {small_corpus.name} (sha256" in err) == warned
+        assert read_metrics(out)[-1]["event"] == "resume"
+        assert read_metrics(out)[-1]["dataset"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()

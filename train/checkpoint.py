@@ -67,6 +67,15 @@ def check_same_architecture(saved: Config, current: Config, path: Path) -> None:
         raise ConfigError(f"checkpoint {path} is of another architecture ({pairs})")
 
 
+def dataset_change(saved: dict | None, current: dict) -> str | None:
+    """A warning when a resume trains on another dataset than the checkpoint's (told apart by sha256), else None.
+    Allowed (fine-tuning on a new corpus), but said: the logs and checkpoints from here on name the new one."""
+    if not saved or saved.get("sha256") in (None, current["sha256"]):
+        return None
+    return (f"warning: resuming on {current['name']} (sha256 {current['sha256'][:12]}...), not on the checkpoint's "
+            f"dataset {saved.get('name')} (sha256 {saved['sha256'][:12]}...); the resume event logs the new one")
+
+
 def load_model_state(model: GPT, state: dict, path: Path) -> None:
     try:
         model.load_state_dict(state)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from model import GPT, SegmentMemory, head_weights
-from train.checkpoint import check_same_architecture, git_sha, load_checkpoint, save_checkpoint
+from train.checkpoint import check_same_architecture, dataset_change, git_sha, load_checkpoint, save_checkpoint
 from train.config import Args, ConfigError, from_dict, set_value, to_dict, uses_cuda
 from train.data import BatchPrefetcher, RandomWindows, Streams, load_corpus, random_batch
 from train.distributed import (Distributed, checkpoint_activations, full_state, load_full_state, no_grad_sync, shard,
@@ -136,6 +136,8 @@ class Run:
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"checkpoint {self.out / 'ckpt.pt'} does not fit this model or optimiser: "
                               f"{str(e).strip().splitlines()[0]}"[:300]) from None
+        if self.dd.main and (note := dataset_change(ckpt.get("dataset"), self.corpus.identity)):
+            print(note, file=sys.stderr, flush=True)
         self.step, self.train_time, self.skipped = ckpt["step"], ckpt["train_time"], ckpt.get("skipped", 0)
         self.agreed_time = self.train_time
         acc = ckpt["log_acc"]
