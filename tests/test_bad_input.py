@@ -93,7 +93,8 @@ def test_out_dir_of_another_run(tiny_run, small_corpus, tmp_path):
     one_line_error(run_cli("--preset=tiny", f"--out_dir={run}", f"--data.source={small_corpus}"),
                    "holds another run; pass --resume to continue it or --overwrite to replace it")
     assert snapshot(run) == before
+    (run / "curves.png").write_bytes(b"the old run's")  # tiny draws none: a stale picture must not stay
     r = run_cli("--preset=tiny", f"--out_dir={run}", f"--data.source={small_corpus}", "--overwrite",
                 "--train.max_steps=3")
     assert r.returncode == 0, r.stderr
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3 and not (run / "curves.png").exists()

@@ -34,6 +34,8 @@ def test_with_lr_0_it_is_the_strided_protocol_at_stride_segment():
     strided = evaluate_bytes(model, text, 40, 300, BLOCK, 5, progress=False)
     assert dyn["bytes"] == strided["bytes"] == 260
     assert math.isclose(dyn["nll_nats"], strided["nll_nats"], rel_tol=1e-6)
+    assert math.isclose(dyn["bpc"], strided["bpc"], rel_tol=1e-6)
+    assert math.isclose(dyn["bpc"], dyn["nll_nats"] / 260 / math.log(2), rel_tol=1e-12)  # nats per byte / ln 2
 
 
 @pytest.mark.parametrize("p", [123, 125, 200])  # a segment boundary (segment 5 from 40: 120, 125) and inside one

@@ -68,3 +68,35 @@ def test_the_curves_are_drawn_in_bits_against_steps_and_seconds(tmp_path, monkey
     assert drawn == {"heads final/t+1": bits(2.0), "heads final/t+2": bits(3.0), "L1/t+1": bits(4.0),
                      "L2/t+1": bits(5.0)}
     assert intermediate.lines[0].get_color() != intermediate.lines[1].get_color()  # one colour per layer
+
+
+def test_a_training_run_ends_with_its_curves_in_its_folder(small_corpus, tmp_path, capsys):
+    """log.plot=true (the default outside the tiny preset): the run folder gets curves.png and the summary lists
+    it; log.plot=false says that it was not written."""
+    import matplotlib.image
+
+    from conftest import tiny_config
+    from train.config import Args
+    from train.loop import train
+    for plot in ("true", "false"):
+        out = tmp_path / f"run-{plot}"
+        train(Args(tiny_config(small_corpus, out, log__plot=plot, train__max_steps="12", train__final_eval="false"),
+                   "tiny"))
+        printed = capsys.readouterr().out
+        assert (out / "curves.png").exists() == (plot == "true")
+        assert ("ckpt.pt, curves.png)" in printed) == (plot == "true")
+        assert ("no curves.png (log.plot=false)" in printed) == (plot == "false")
+    image = matplotlib.image.imread(tmp_path / "run-true" / "curves.png")
+    assert image.shape[0] > 500 and image[..., :3].std() > 0.05
+
+
+def test_the_run_curves_never_fail_a_finished_run(tmp_path, monkeypatch):
+    """Without matplotlib, or with metrics the plot cannot read, write_run_curves returns a line saying why."""
+    import sys
+
+    from train.plot import write_run_curves
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"torn')
+    assert write_run_curves(tmp_path).startswith("warning: curves.png not written (JSONDecodeError")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert write_run_curves(tmp_path) == "no curves.png: plotting needs matplotlib (pip install matplotlib)"
+    assert not (tmp_path / "curves.png").exists()

@@ -79,6 +79,7 @@ class LogConfig:
     wandb: bool = False  # also log to Weights & Biases (the wandb extra; WANDB_MODE=offline works)
     wandb_project: str = "charlm"  # W&B project
     wandb_name: str = ""  # W&B run name; empty = the run folder's name
+    plot: bool = True  # write <out_dir>/curves.png at the end of a run (and when it is interrupted); needs matplotlib
 
 
 @dataclass
@@ -153,7 +154,7 @@ def tiny() -> Config:
         model=ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, block_size=32),
         train=TrainConfig(lr=3e-3, warmup_steps=5, batch_size=4, max_steps=30, log_interval=1, eval_interval=10,
                           eval_batches=2, ckpt_interval=10),
-        data=DataConfig(source="sample"))
+        data=DataConfig(source="sample"), log=LogConfig(plot=False))
 
 
 def cpu() -> Config:

@@ -98,3 +98,26 @@ def progress_bar(**kwargs) -> tqdm:
     # time of the last line as it was)
     plain = {"mininterval": PLAIN_INTERVAL_S, "maxinterval": PLAIN_INTERVAL_S, "miniters": 1, "leave": True}
     return tqdm(file=_Lines(sys.stderr), **(kwargs | plain))
+
+
+def summary(out: Path, final: dict, dataset: dict, plot_note: str | None = None) -> str:
+    """What the main rank prints when a run ends: the scores, the run folder's files and the next commands.
+    plot_note: None when curves.png was written, else why not."""
+    ckpt = out / "ckpt.pt"
+    if final["event"] == "interrupted":
+        return (f"interrupted by {final['signal']} at step {final['step']}; checkpoint saved to {ckpt}\n"
+                f"  resume:   python -m train --resume --out_dir={out}")
+    warning = "" if dataset["name"] == "enwik8" else f"  (data: {dataset['name']}, not enwik8: not comparable)"
+    scores = (f"validation {final['full_val_bpc']:.4f} bpc, test {final['full_test_bpc']:.4f} bpc over the whole "
+              f"splits ({final['full_val_protocol']}){warning}" if "full_val_bpc" in final else
+              "no final evaluation (train.final_eval=false)")
+    return "\n".join([
+        f"done: {final['step']} steps in {final['train_time_s']:.0f} s of training",
+        scores,
+        f"run folder: {out}  (config.json, metrics.jsonl, ckpt.pt{'' if plot_note else ', curves.png'})",
+        *([f"  {plot_note}"] if plot_note else []),
+        "next:",
+        f"  evaluate: python -m train.evaluate --ckpt {ckpt} --split test",
+        f"  sample:   python -m train.sample --ckpt {ckpt} --prompt 'The ' --tokens 300",
+        f"  compare:  python -m train.plot {out} OTHER_RUN ... --out curves.png",
+    ])

@@ -29,7 +29,8 @@ from train.experts import ExpertLoads
 from train.guard import NonFiniteFlag, StopOnSignal, TrainingError
 from train.hardware import peak_bf16_flops
 from train.lock import RunLock
-from train.logger import MetricsLog, bar_postfix, progress_bar
+from train.logger import MetricsLog, bar_postfix, progress_bar, summary
+from train.plot import write_run_curves
 from train.profiler import StepProfiler
 from train.optim import build_optimizer, lr_at, sampling
 
@@ -69,7 +70,8 @@ def prepare_out_dir(args: Args, main: bool) -> tuple[Path, dict | None]:
     return out, None
 
 
-RUN_FILES = ("metrics.jsonl", "ckpt.pt", "config.json")  # what --overwrite removes
+# what --overwrite removes
+RUN_FILES = ("metrics.jsonl", "ckpt.pt", "config.json", "curves.png", "trace.json", "profile.txt")
 
 
 class Run:
@@ -475,27 +477,8 @@ def train(args: Args) -> dict:
     try:
         final = run.loop()
         if run.dd.main:
-            print(summary(run.out, final, run.corpus.identity), flush=True)
+            plot_note = write_run_curves(run.out) if run.cfg.log.plot else "no curves.png (log.plot=false)"
+            print(summary(run.out, final, run.corpus.identity, plot_note), flush=True)
         return final
     finally:
         run.close()
-
-
-def summary(out: Path, final: dict, dataset: dict) -> str:
-    ckpt = out / "ckpt.pt"
-    if final["event"] == "interrupted":
-        return (f"interrupted by {final['signal']} at step {final['step']}; checkpoint saved to {ckpt}\n"
-                f"  resume:   python -m train --resume --out_dir={out}")
-    warning = "" if dataset["name"] == "enwik8" else f"  (data: {dataset['name']}, not enwik8: not comparable)"
-    scores = (f"validation {final['full_val_bpc']:.4f} bpc, test {final['full_test_bpc']:.4f} bpc over the whole "
-              f"splits ({final['full_val_protocol']}){warning}" if "full_val_bpc" in final else
-              "no final evaluation (train.final_eval=false)")
-    return "\n".join([
-        f"done: {final['step']} steps in {final['train_time_s']:.0f} s of training",
-        scores,
-        f"run folder: {out}  (config.json, metrics.jsonl, ckpt.pt)",
-        "next:",
-        f"  evaluate: python -m train.evaluate --ckpt {ckpt} --split test",
-        f"  sample:   python -m train.sample --ckpt {ckpt} --prompt 'The ' --tokens 300",
-        f"  plot:     python -m train.plot {out} --out {out}/curves.png",
-    ])

@@ -96,6 +96,20 @@ def plot(runs: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def write_run_curves(run_dir: Path) -> str | None:
+    """The end of a training run: its curves as <run_dir>/curves.png. Returns a warning line instead when
+    matplotlib is missing or the plot fails: a finished run is never failed by its picture."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "no curves.png: plotting needs matplotlib (pip install matplotlib)"
+    try:
+        plot([load_run(Path(run_dir))], Path(run_dir) / "curves.png")
+    except Exception as e:  # noqa: BLE001 - whatever broke, the run's checkpoint and logs are already written
+        return f"warning: curves.png not written ({type(e).__name__}: {e})"[:300]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.plot", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (each with a metrics.jsonl)")
