@@ -110,6 +110,9 @@ def test_cached_and_strided_agree_on_a_text_no_longer_than_block_size():
     cached = evaluate_cached(model, text, 1, len(text), streams=1, chunk=7, progress=False)
     assert cached["bytes"] == strided["bytes"] == 31
     assert math.isclose(cached["bpc"], strided["bpc"], rel_tol=1e-5)
+    for protocol in (evaluate_cached(model, text, 0, len(text), streams=1, chunk=7, progress=False),
+                     evaluate_bytes(model, text, 0, len(text), 32, 32, progress=False)):  # a whole file (--split file)
+        assert protocol["bytes"] == 31 and math.isclose(protocol["bpc"], strided["bpc"], rel_tol=1e-5)  # no byte 0
 
 
 @pytest.mark.parametrize("streams, chunk", [(1, 16), (3, 5), (7, 1)])
