@@ -79,6 +79,8 @@ def test_checkpoint_of_another_architecture(tiny_run, tmp_path):
                    "is of another architecture (model.n_layer: checkpoint 2 vs 3)")
     one_line_error(run_cli("--resume", f"--out_dir={run}", "--train.optimizer=sgd"),
                    "holds adamw state; it cannot resume with train.optimizer=sgd")
+    one_line_error(run_cli("--resume", f"--out_dir={run}", "--train.seed=7"),
+                   "train.seed cannot change on --resume (checkpoint 1337)")
     # a state dict that does not fit the config it claims
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     ckpt["config"]["model"]["d_ff"] = 48

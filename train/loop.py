@@ -56,6 +56,9 @@ def prepare_out_dir(args: Args, main: bool) -> tuple[Path, dict | None]:
         if resumed.train.optimizer != saved.train.optimizer:
             raise ConfigError(f"checkpoint {out / 'ckpt.pt'} holds {saved.train.optimizer} state; it cannot resume "
                               f"with train.optimizer={resumed.train.optimizer}")
+        if resumed.train.seed != saved.train.seed:  # config.json would name a seed that seeded nothing
+            raise ConfigError(f"train.seed cannot change on --resume (checkpoint {saved.train.seed}): the random "
+                              f"streams continue from the checkpoint; start a new run for another seed")
         problems = resumed.errors()
         if problems:
             raise ConfigError(problems[0])
