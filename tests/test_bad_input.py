@@ -81,6 +81,8 @@ def test_checkpoint_of_another_architecture(tiny_run, tmp_path):
                    "holds adamw state; it cannot resume with train.optimizer=sgd")
     one_line_error(run_cli("--resume", f"--out_dir={run}", "--train.seed=7"),
                    "train.seed cannot change on --resume (checkpoint 1337)")
+    one_line_error(run_cli("--resume", f"--out_dir={run}", "--data.order=streams"),
+                   "a run that reads random windows resumes reading them: data.order (auto)")
     # a state dict that does not fit the config it claims
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     ckpt["config"]["model"]["d_ff"] = 48
@@ -100,3 +102,18 @@ def test_out_dir_of_another_run(tiny_run, small_corpus, tmp_path):
                 "--train.max_steps=3")
     assert r.returncode == 0, r.stderr
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3 and not (run / "curves.png").exists()
+
+
+def test_a_stream_run_resumes_with_its_rows(small_corpus, tmp_path):
+    """Each batch row of a memory run owns a stream position and a memory: another batch size on --resume is a
+    one-line error (it was a traceback from the memory's load), the same one resumes."""
+    run = tmp_path / "run"
+    common = ["--preset=tiny", f"--data.source={small_corpus}", f"--out_dir={run}", "--model.pos_emb=rope",
+              "--model.mem_len=16", "--train.final_eval=false"]
+    assert run_cli(*common, "--train.max_steps=4").returncode == 0
+    before = snapshot(run)
+    one_line_error(run_cli(*common, "--resume", "--train.batch_size=6", "--train.max_steps=6"),
+                   "data.order (auto) and, with streams, train.batch_size (4 rows) cannot change on --resume")
+    assert snapshot(run) == before
+    r = run_cli(*common, "--resume", "--train.max_steps=6")
+    assert r.returncode == 0, r.stderr

@@ -142,6 +142,12 @@ def uses_cuda(t: TrainConfig) -> bool:
     return t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
 
 
+def reads_streams(cfg: Config) -> bool:
+    """Whether training reads contiguous streams (each batch row its own stretch, a memory carried along) rather
+    than random windows."""
+    return cfg.data.order == "streams" or (cfg.data.order == "auto" and cfg.model.mem_len > 0)
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (oneDNN: AVX512-BF16 or AMX); elsewhere they are emulated."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -20,7 +20,7 @@ import torch
 
 from model import GPT, SegmentMemory, head_weights
 from train.checkpoint import check_same_architecture, dataset_change, git_sha, load_checkpoint, save_checkpoint
-from train.config import Args, ConfigError, from_dict, set_value, to_dict, uses_cuda
+from train.config import Args, ConfigError, from_dict, reads_streams, set_value, to_dict, uses_cuda
 from train.data import BatchPrefetcher, RandomWindows, Streams, load_corpus, random_batch
 from train.distributed import (Distributed, checkpoint_activations, full_state, load_full_state, no_grad_sync, shard,
                                uses_ddp, wrap)
@@ -59,6 +59,11 @@ def prepare_out_dir(args: Args, main: bool) -> tuple[Path, dict | None]:
         if resumed.train.seed != saved.train.seed:  # config.json would name a seed that seeded nothing
             raise ConfigError(f"train.seed cannot change on --resume (checkpoint {saved.train.seed}): the random "
                               f"streams continue from the checkpoint; start a new run for another seed")
+        if reads_streams(resumed) != reads_streams(saved) or (
+                reads_streams(saved) and resumed.train.batch_size != saved.train.batch_size):
+            raise ConfigError(f"a run that reads {'contiguous streams' if reads_streams(saved) else 'random windows'} "
+                              f"resumes reading them: data.order ({saved.data.order}) and, with streams, "
+                              f"train.batch_size ({saved.train.batch_size} rows) cannot change on --resume")
         problems = resumed.errors()
         if problems:
             raise ConfigError(problems[0])
@@ -98,8 +103,7 @@ class Run:
         shard(self.raw, t)
         self.model = wrap(self.raw, t, dd)
         self.optimizer = build_optimizer(self.raw, t, len(self.corpus.split("train")))
-        streams = self.cfg.data.order == "streams" or (self.cfg.data.order == "auto" and m.mem_len)
-        sampler = Streams if streams else RandomWindows  # with memory: contiguous streams, memory carried along
+        sampler = Streams if reads_streams(self.cfg) else RandomWindows  # memory: streams, memory carried along
         self.sampler = sampler(self.corpus.split("train"), t.batch_size, m.block_size,
                                torch.Generator().manual_seed(t.seed), (dd.rank, dd.world))
         self.memory = SegmentMemory(m, t.batch_size // dd.world, self.device) if m.mem_len else None
