@@ -70,6 +70,29 @@ def test_enwik8_offline_without_fallback_is_a_one_line_error(tmp_path, monkeypat
     assert "\n" not in message and not (tmp_path / "enwiki-sample.xml").exists()
 
 
+def test_an_enwik8_download_is_kept_only_when_its_size_and_sha256_match(tmp_path, monkeypatch):
+    """The download path with a fake server: a file of the wrong sha256 (of the right size, too) is deleted and the
+    corpus refused; the file that matches both is kept and unpacked."""
+    fake = b"<mediawiki> a fake enwik8 " * 40
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("enwik8", fake)
+    served = buf.getvalue()
+    monkeypatch.setattr(data_mod.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(served))
+    monkeypatch.setattr(data_mod, "split_bounds", lambda n, is_enwik8: {"train": (0, 900), "val": (900, 950),
+                                                                          "test": (950, n)})
+    cfg = DataConfig(source="enwik8", data_dir=str(tmp_path), fallback=False)
+    for size in (data_mod.ENWIK8_ZIP_BYTES, len(served)):  # the official size, then the fake's own (sha256 still off)
+        monkeypatch.setattr(data_mod, "ENWIK8_ZIP_BYTES", size)
+        with pytest.raises(ConfigError, match="downloaded enwik8.zip failed its checksum"):
+            load_corpus(cfg)
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the zip nor its .part is left
+    monkeypatch.setattr(data_mod, "ENWIK8_ZIP_SHA256", hashlib.sha256(served).hexdigest())
+    monkeypatch.setattr(data_mod, "ENWIK8_BYTES", len(fake))
+    c = load_corpus(cfg)
+    assert bytes(c.data) == fake and (tmp_path / "enwik8.zip").read_bytes() == served
+
+
 def test_enwik8_zip_is_verified_and_unpacked(tmp_path, monkeypatch):
     fake = bytes(np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8))
     buf = io.BytesIO()

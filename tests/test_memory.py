@@ -183,6 +183,11 @@ def test_streams_cover_the_split_once_per_pass_without_overlap_and_resume_exactl
         assert torch.equal(flat[1:, 0], (flat[:-1, 0] + 250) % 1000)  # rows 250 bytes apart: no overlap
         passes.append(int(x[0, 0, 0]))
     assert len(set(passes)) == 3  # a new random offset every pass
+    tight = Streams(np.arange(1024, dtype=np.int64), 4, 16, torch.Generator().manual_seed(0), (0, 1))
+    assert tight.per_pass == 15  # stretches of 256 = 16 x 16: a 16th segment's last target is the next row's byte
+    draws = [tight.draw() for _ in range(15)]
+    first, targets = draws[0][0][:, :1], torch.cat([y for _, y, _ in draws], 1)
+    assert bool((((targets - first) % 1024) < 256).all())  # every target inside its own row's stretch
     half = Streams(split, 4, 16, torch.Generator().manual_seed(0), (1, 2)).draw()[0]
     assert torch.equal(half, Streams(split, 4, 16, torch.Generator().manual_seed(0), (0, 1)).draw()[0][2:])
     for cut in (0, 7, 15, 16):  # before anything, mid-pass, at a pass's end, just into the next
