@@ -1,5 +1,6 @@
 """Progress bars off a terminal: one plain line at most every PLAIN_INTERVAL_S seconds (and the last one at the
-end), whatever redraws tqdm's monitor thread would force; the training bar's text in bits per byte."""
+end), whatever redraws tqdm's monitor thread would force; the training bar's text in bits per byte; the end-of-run
+summary."""
 import math
 import sys
 import time
@@ -63,3 +64,15 @@ def test_the_training_bar_shows_the_train_loss_in_bits_beside_the_validation_bpc
     assert text == "step 30, train_bpc 2, val_bpc 2.5"
     assert logger.bar_postfix({"step": 1, "train_loss": math.log(256)}) == "step 1, train_bpc 8"
     assert logger.bar_postfix({}) == ""
+
+
+def test_the_end_of_run_summary_names_the_curves_only_when_they_were_drawn(tmp_path):
+    interrupted = {"event": "interrupted", "signal": "SIGTERM", "step": 5}
+    assert f", curves in {tmp_path / 'curves.png'}\n" in logger.summary(tmp_path, interrupted, {"name": "enwik8"})
+    assert "curves" not in logger.summary(tmp_path, interrupted, {"name": "enwik8"}, "no curves.png (log.plot=false)")
+    end = {"event": "end", "step": 9, "train_time_s": 2.0}
+    drawn = logger.summary(tmp_path, end, {"name": "sample"}).splitlines()
+    assert drawn[2] == f"run folder: {tmp_path}  (config.json, metrics.jsonl, ckpt.pt, curves.png)"
+    missing = logger.summary(tmp_path, end, {"name": "sample"}, "no curves.png: plotting needs matplotlib").splitlines()
+    assert missing[2:4] == [f"run folder: {tmp_path}  (config.json, metrics.jsonl, ckpt.pt)",
+                            "  no curves.png: plotting needs matplotlib"]

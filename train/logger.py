@@ -104,8 +104,9 @@ def summary(out: Path, final: dict, dataset: dict, plot_note: str | None = None)
     """What the main rank prints when a run ends: the scores, the run folder's files and the next commands.
     plot_note: None when curves.png was written, else why not."""
     ckpt = out / "ckpt.pt"
+    curves = "" if plot_note else f", curves in {out / 'curves.png'}"
     if final["event"] == "interrupted":
-        return (f"interrupted by {final['signal']} at step {final['step']}; checkpoint saved to {ckpt}\n"
+        return (f"interrupted by {final['signal']} at step {final['step']}; checkpoint saved to {ckpt}{curves}\n"
                 f"  resume:   python -m train --resume --out_dir={out}")
     warning = "" if dataset["name"] == "enwik8" else f"  (data: {dataset['name']}, not enwik8: not comparable)"
     scores = (f"validation {final['full_val_bpc']:.4f} bpc, test {final['full_test_bpc']:.4f} bpc over the whole "
