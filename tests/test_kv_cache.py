@@ -1,5 +1,6 @@
 """The KV cache: token-by-token decoding equals one full forward, for every positional scheme, for prefixes up
-to block_size; the sliding window equals recomputing each window (one layer); the attention backends agree."""
+to block_size; the sliding window equals recomputing each window (one layer); a reset cache is a fresh one; the
+window and chunk bounds; the attention backends agree."""
 import importlib.util
 import logging
 
@@ -51,6 +52,24 @@ def test_sliding_window_equals_recomputing_each_window(pos_emb):
     assert cache.start > 0 and cache.length <= cache.capacity  # it rolled
 
 
+def test_a_reset_cache_decodes_a_new_stream_as_a_fresh_one():
+    """After reset() (a stream's end in the cached evaluator), no key, value, position or n-gram byte of the old
+    stream is left: the next stream's logits equal those from a new cache."""
+    torch.manual_seed(3)
+    model = GPT(small(pos_emb="rope", ngram_max=3, ngram_buckets=31)).eval()
+    old, new = torch.randint(0, 256, (2, 1, 30))
+    with torch.no_grad():
+        used = KVCache(model.cfg, 1, window=12, chunk=6, device="cpu")
+        for t in range(0, 30, 6):
+            model(old[:, t:t + 6], cache=used)
+        used.reset()
+        assert (used.start, used.length) == (0, 0)
+        fresh = KVCache(model.cfg, 1, window=12, chunk=6, device="cpu")
+        for t in range(0, 30, 6):
+            torch.testing.assert_close(model(new[:, t:t + 6], cache=used), model(new[:, t:t + 6], cache=fresh),
+                                       rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("pos_emb", ["learned", "learned_per_layer"])
 def test_learned_positions_refuse_a_stream_past_block_size(pos_emb):
     """The model itself (not only the evaluator) refuses to run a learned-position model past its table in the
@@ -78,8 +97,10 @@ def test_learned_positions_refuse_a_stream_past_block_size(pos_emb):
 
 def test_cache_refuses_oversized_passes():
     cfg = small()
-    with pytest.raises(ValueError, match="must be in"):
-        KVCache(cfg, 1, window=25, chunk=4, device="cpu")
+    for window, chunk in ((25, 4), (0, 4), (24, 25), (24, 0)):
+        with pytest.raises(ValueError, match="must be in"):
+            KVCache(cfg, 1, window=window, chunk=chunk, device="cpu")
+    assert KVCache(cfg, 1, window=1, chunk=24, device="cpu").capacity == 24  # the bounds themselves are allowed
     cache = KVCache(cfg, 1, window=24, chunk=4, device="cpu")
     with pytest.raises(ValueError, match="exceeds the cache's chunk"):
         cache.make_room(5)
