@@ -84,6 +84,21 @@ def test_greedy_sampling_is_the_same_with_and_without_the_cache(pos_emb):
     assert len(cached) == 60 and cached == uncached
 
 
+def test_greedy_sampling_from_a_short_prompt_reads_all_of_it():
+    """A prompt shorter than the window: each greedy byte is the argmax after a full forward over the whole prompt
+    and what came after it, first byte included, with the cache and without."""
+    from model import GPT, ModelConfig
+    from train.sample import generate
+    torch.manual_seed(4)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=32, d_ff=64, block_size=16, pos_emb="rope")).eval()
+    seq = list(b"Xyz")
+    with torch.no_grad():
+        for _ in range(8):  # 3 + 8 bytes: the window never moves
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    for use_cache in (True, False):
+        assert generate(model, b"Xyz", 8, temperature=0, use_cache=use_cache) == bytes(seq[3:])
+
+
 def test_sampling_draws_only_among_the_top_k_and_greedy_takes_the_largest():
     from train.sample import pick
     logits = torch.randperm(256).float() * 0.3  # distinct, 0.3 apart
