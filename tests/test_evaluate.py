@@ -180,3 +180,13 @@ def test_evaluate_cli_defaults_to_a_quarter_block_stride_and_scores_a_whole_file
                           (["--split", "file", "--file", str(tmp_path / "nope")], "no such file")]:
         r = run_cli("--ckpt", ckpt, *args, module="train.evaluate")
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("mode, option", [("strided", ["--max_bytes", "-1"]), ("strided", ["--batch_size", "0"]),
+                                          ("cached", ["--streams", "0"]), ("cached", ["--chunk", "-1"]),
+                                          ("memory", ["--mem_len", "-1"])])
+def test_evaluate_cli_refuses_out_of_range_sizes(tiny_run, capsys, mode, option):
+    from train.evaluate import main
+    code = main(["--ckpt", str(tiny_run[0] / "ckpt.pt"), "--mode", mode, *option])
+    assert code == 2 and capsys.readouterr().err.endswith(
+        "error: --max_bytes, --chunk and --mem_len must be >= 0, --batch_size and --streams >= 1\n")
