@@ -432,3 +432,28 @@ def test_xl_relative_flex_attention_matches_the_math_path(case):
             compiled = torch.compile(model.relative, fullgraph=True)
             got = compiled(q, k, v, q_pos, k_pos, mask, span, attn.r_proj, 0.0, flex=True)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_reconstruction_loss_reads_only_the_real_evicted_positions_and_their_slots():
+    """mem_len 32, segments of 24, ratio 4: the first segment evicts only empty slots (no loss); the second evicts
+    24 positions of which the newest 16 are real, so the loss's attention reads keys 8..23 of the evicted and the
+    compressed slots 2..5 (each covering 4 real positions)."""
+    from model.memory import SegmentMemory
+    memory = SegmentMemory(small(mem_len=32, cmem_len=8, cmem_ratio=4), batch=1, device="cpu")
+    memory.states.normal_()  # stale values in slots that are not valid (as after a reset): they must not count
+    seen = []
+
+    def attention_of(queries, keys_from, key_ok):
+        seen.append(key_ok.tolist())
+        return keys_from.sum(1) * len(seen)  # the two calls differ: a loss > 0 wherever one is counted
+
+    def squeeze(evicted):
+        return evicted.unflatten(1, (-1, 4)).mean(2)
+    recon = []
+    for segment in torch.randn(2, 1, 24, 24):
+        memory.context(0, segment)
+        memory.compress(0, squeeze, attention_of, segment, with_loss=True)
+        memory.advance(24)
+        recon.append(memory.take_loss().item())
+    assert seen[2:] == [[False] * 8 + [True] * 16, [False, False, True, True, True, True]]
+    assert recon[0] == 0.0 and recon[1] > 0.0  # nothing real was evicted by the first segment
