@@ -457,3 +457,20 @@ def test_the_reconstruction_loss_reads_only_the_real_evicted_positions_and_their
         recon.append(memory.take_loss().item())
     assert seen[2:] == [[False] * 8 + [True] * 16, [False, False, True, True, True, True]]
     assert recon[0] == 0.0 and recon[1] > 0.0  # nothing real was evicted by the first segment
+
+
+def test_the_reconstruction_attention_is_scaled_dot_product_attention_over_the_real_keys():
+    """detached_attention (the attention the reconstruction loss compares) against torch's SDPA with the same
+    projections and the key mask; and it passes no gradient to the projection."""
+    import torch.nn.functional as F
+
+    from model.memory import detached_attention, project_heads
+    torch.manual_seed(5)
+    qkv = torch.nn.Linear(24, 72)
+    queries, keys_from = torch.randn(2, 5, 24), torch.randn(2, 7, 24)
+    key_ok = torch.tensor([False, False, True, True, True, False, True])
+    got = detached_attention(qkv, 3, queries, keys_from, key_ok)
+    q, k, v = project_heads(qkv.weight, qkv.bias, queries, keys_from, 3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=key_ok.expand(5, 7))  # per head, scaled by 1/sqrt(8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not got.requires_grad
