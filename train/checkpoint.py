@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from model import GPT
-from train.config import Config, ConfigError, from_dict
+from train.config import Config, ConfigError, from_dict, reads_streams
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,12 +59,26 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def check_same_architecture(saved: Config, current: Config, path: Path) -> None:
+def check_resumable(saved: Config, current: Config, path: Path) -> None:
+    """What a resume may not change (a one-line ConfigError each): the architecture, the optimiser (its state's
+    kind), the seed (the random streams continue from the checkpoint) and the sampler (random windows or contiguous
+    streams, whose rows own stream positions and memories, so their number stays too)."""
     diff = [k for k, v in vars(saved.model).items() if getattr(current.model, k) != v]
     if diff:
         pairs = ", ".join(f"model.{k}: checkpoint {getattr(saved.model, k)!r} vs {getattr(current.model, k)!r}"
                           for k in diff[:3])
         raise ConfigError(f"checkpoint {path} is of another architecture ({pairs})")
+    if current.train.optimizer != saved.train.optimizer:
+        raise ConfigError(f"checkpoint {path} holds {saved.train.optimizer} state; it cannot resume with "
+                          f"train.optimizer={current.train.optimizer}")
+    if current.train.seed != saved.train.seed:  # config.json would name a seed that seeded nothing
+        raise ConfigError(f"train.seed cannot change on --resume (checkpoint {saved.train.seed}): the random "
+                          f"streams continue from the checkpoint; start a new run for another seed")
+    streams = reads_streams(saved)
+    if reads_streams(current) != streams or (streams and current.train.batch_size != saved.train.batch_size):
+        raise ConfigError(f"a run that reads {'contiguous streams' if streams else 'random windows'} resumes reading "
+                          f"them: data.order ({saved.data.order}) and, with streams, train.batch_size "
+                          f"({saved.train.batch_size} rows) cannot change on --resume")
 
 
 def dataset_change(saved: dict | None, current: dict) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from model import GPT, SegmentMemory, head_weights
-from train.checkpoint import check_same_architecture, dataset_change, git_sha, load_checkpoint, save_checkpoint
+from train.checkpoint import check_resumable, dataset_change, git_sha, load_checkpoint, save_checkpoint
 from train.config import Args, ConfigError, from_dict, reads_streams, set_value, to_dict, uses_cuda
 from train.data import BatchPrefetcher, RandomWindows, Streams, load_corpus, random_batch
 from train.distributed import (Distributed, checkpoint_activations, full_state, load_full_state, no_grad_sync, shard,
@@ -52,18 +52,7 @@ def prepare_out_dir(args: Args, main: bool) -> tuple[Path, dict | None]:
         saved, resumed = from_dict(ckpt["config"]), from_dict(ckpt["config"])
         for key, value in args.overrides.items():
             set_value(resumed, key, value)
-        check_same_architecture(saved, resumed, out / "ckpt.pt")
-        if resumed.train.optimizer != saved.train.optimizer:
-            raise ConfigError(f"checkpoint {out / 'ckpt.pt'} holds {saved.train.optimizer} state; it cannot resume "
-                              f"with train.optimizer={resumed.train.optimizer}")
-        if resumed.train.seed != saved.train.seed:  # config.json would name a seed that seeded nothing
-            raise ConfigError(f"train.seed cannot change on --resume (checkpoint {saved.train.seed}): the random "
-                              f"streams continue from the checkpoint; start a new run for another seed")
-        if reads_streams(resumed) != reads_streams(saved) or (
-                reads_streams(saved) and resumed.train.batch_size != saved.train.batch_size):
-            raise ConfigError(f"a run that reads {'contiguous streams' if reads_streams(saved) else 'random windows'} "
-                              f"resumes reading them: data.order ({saved.data.order}) and, with streams, "
-                              f"train.batch_size ({saved.train.batch_size} rows) cannot change on --resume")
+        check_resumable(saved, resumed, out / "ckpt.pt")
         problems = resumed.errors()
         if problems:
             raise ConfigError(problems[0])
