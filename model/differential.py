@@ -29,6 +29,8 @@ from model.layers import RMSNORM_FN, RMSNorm, Rotary
 from model.lowrank import make_linear
 from model.sparse import make_pattern
 
+LAMBDA_STD = 0.1  # the lambda vectors' initial scale, as in the paper's code
+
 
 def lambda_init(layer: int) -> float:
     """The paper's initial lambda of 0-based layer `layer` (its l - 1)."""
@@ -45,8 +47,13 @@ class DifferentialAttention(nn.Module):
         self.attend = resolve_attention(cfg.attention)
         self.pattern = make_pattern(cfg)
         self.lambda_init = lambda_init(layer)
-        self.lambdas = nn.Parameter(torch.randn(4, cfg.head_dim) * 0.1)  # lq1, lk1, lq2, lk2
+        self.lambdas = nn.Parameter(torch.randn(4, cfg.head_dim) * LAMBDA_STD)  # lq1, lk1, lq2, lk2
         self.head_norm = RMSNorm(2 * cfg.head_dim, eps=1e-5, fn=RMSNORM_FN[cfg.kernels])  # shared by the heads
+
+    def init_own(self, std: float) -> None:
+        """The lambda vectors N(0, LAMBDA_STD) again, whatever the model's init scale `std`: GPT.reset_parameters
+        gives every 2-D parameter its own first."""
+        nn.init.normal_(self.lambdas, std=LAMBDA_STD)
 
     def lam(self) -> torch.Tensor:
         q1, k1, q2, k2 = self.lambdas.to(torch.promote_types(self.lambdas.dtype, torch.float32))  # fp32 at least
@@ -60,7 +67,6 @@ class DifferentialAttention(nn.Module):
         v = v.view(B, T, self.n_head // 2, 2 * self.head_dim).transpose(1, 2)
         k, v, q_pos, k_pos, mask = through_cache(cache, self.layer, k, v)
         if self.rotary is not None:
-            self.rotary.cover(k.shape[-2])
             q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
         dropout = self.dropout if self.training else 0.0
         # both softmaxes of every head in one call over the n_head sub-heads, each pair sharing its head's value

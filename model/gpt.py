@@ -21,7 +21,7 @@ from model.hourglass import make_stack
 from model.kv_cache import KVCache
 from model.block import Block
 from model.layers import LearnedPositions, NoPositions, XLRelative, make_norm
-from model.lowrank import LowRankLinear, init_projection
+from model.lowrank import init_projection
 from model.memory import SegmentMemory
 from model.moe import MoE
 from model.ngram import carry_bytes, make_ngrams
@@ -136,9 +136,9 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif p.dim() >= 2:
                 nn.init.normal_(p, std=std)
-        for module in self.modules():  # low-rank projections: the product at the scale of the full matrix
-            if isinstance(module, LowRankLinear):
-                module.reset(std)
+        for module in self.modules():  # what has an init of its own: low-rank factors, differential lambdas
+            if hasattr(module, "init_own"):
+                module.init_own(std)
         if cfg.init == "gpt2":
             for block in self.blocks:
                 for proj in block.residual_projections():

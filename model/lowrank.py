@@ -34,7 +34,7 @@ class LowRankLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.up.bias
 
-    def reset(self, std: float) -> None:
+    def init_own(self, std: float) -> None:
         """Both factors N(0, s) with s^4 r = std^2: the entries of U V then have standard deviation std."""
         factor_std = (std * std / self.down.out_features) ** 0.25
         nn.init.normal_(self.down.weight, std=factor_std)
@@ -52,7 +52,7 @@ def init_projection(projection: nn.Module | nn.Parameter, std: float) -> None:
     """Entries N(0, std) for a full projection (a module, or the experts' stacked weights), the same scale for the
     product of a low-rank one."""
     if isinstance(projection, LowRankLinear):
-        projection.reset(std)
+        projection.init_own(std)
     else:
         nn.init.normal_(projection if isinstance(projection, nn.Parameter) else projection.weight, std=std)
 

@@ -59,7 +59,6 @@ class LatentAttention(nn.Module):
         latent, k_rope = self.kv_norm(latent)[:, None], k_rope[:, None]  # (B, 1, T, width): one "head"
         # cached: the latent and the unrotated rotary key only
         k_rope, latent, q_pos, k_pos, mask = through_cache(cache, self.layer, k_rope, latent)
-        self.rotary.cover(k_rope.shape[-2])
         q_rope, k_rope = self.rotary(q_rope, q_pos), self.rotary(k_rope, k_pos)
         dropout = self.dropout if self.training else 0.0
         attention = self.absorbed if cache is not None else self.naive

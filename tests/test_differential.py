@@ -83,6 +83,16 @@ def test_the_lambda_schedule():
     assert [b.attn.lambda_init for b in model.blocks] == [lambda_init(i) for i in range(3)]
 
 
+@pytest.mark.parametrize("init", ["normal", "small", "gpt2"])
+def test_the_lambda_vectors_start_at_the_papers_scale_in_every_init_scheme(init):
+    """lq1, lk1, lq2, lk2 ~ N(0, 0.1) in the model too (its init gives 2-D parameters 0.02 or its own scale)."""
+    torch.manual_seed(0)
+    model = GPT(small(n_layer=2, n_head=4, d_model=256, d_ff=32, init=init))
+    for block in model.blocks:
+        assert abs(block.attn.lambdas.std().item() - 0.1) < 0.015  # 4 x 64 draws: the std's own error is ~4%
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.1) > 0.05  # the rest keeps the scheme's scale
+
+
 def test_equal_parameters_with_half_the_heads_of_full_width():
     """Same projections as standard attention; per layer only 4 lambda vectors and the head norm (2d) extra."""
     cfg = small()

@@ -36,12 +36,16 @@ def test_cached_decoding_equals_full_forward(shape, chunks):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos_emb", ["rope", "xl_relative"])
-def test_sliding_window_equals_recomputing_each_window(pos_emb):
+@pytest.mark.parametrize("shape", [dict(pos_emb="rope"), dict(pos_emb="xl_relative"),
+                                   dict(pos_emb="rope", attn_type="differential"),
+                                   dict(pos_emb="rope", attn_type="mla", kv_lora_rank=8, rope_head_dim=4)],
+                         ids=["rope", "xl_relative", "differential", "mla"])
+def test_sliding_window_equals_recomputing_each_window(shape):
     """With one layer, a query over the rolling cache sees exactly the last `window` bytes: its logits equal a
-    full forward over those bytes (relative positions: only distances matter)."""
+    full forward over those bytes (relative positions: only distances matter), for every attention type with
+    relative positions; the cache holds more positions than block_size (window - 1 + chunk)."""
     torch.manual_seed(1)
-    model = GPT(small(n_layer=1, pos_emb=pos_emb, block_size=8)).eval()
+    model = GPT(small(n_layer=1, block_size=8, **shape)).eval()
     x = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         cache = KVCache(model.cfg, 1, window=8, chunk=3, device="cpu")

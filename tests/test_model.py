@@ -191,3 +191,18 @@ def test_mfu_peaks_tell_card_variants_apart():
     assert peak_for_name("NVIDIA A10") == 125e12 and peak_for_name("NVIDIA A10G") is None
     assert peak_for_name("NVIDIA L40S") == 362e12 and peak_for_name("NVIDIA L4") == 121e12
     assert peak_for_name("NVIDIA GeForce RTX 4090") is None
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(pos_emb="xl_relative"), dict(attn_type="differential", pos_emb="rope"),
+                                     dict(attn_type="mla", pos_emb="rope", kv_lora_rank=8, rope_head_dim=4),
+                                     dict(attn_pattern="local", attn_window=5)])
+def test_dropout_acts_only_in_training(variant):
+    """model.dropout (embeddings, attention weights, residual branches) is off in eval mode: there the model with
+    dropout 0.5 gives exactly the outputs of the same weights without dropout; in training mode it does not."""
+    torch.manual_seed(0)
+    dropped = GPT(small(dropout=0.5, **variant))
+    plain = GPT(small(**variant))
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randint(0, 256, (2, 12))
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x), rtol=0, atol=0)
+    assert not torch.allclose(dropped.train()(x), plain(x))
