@@ -193,7 +193,8 @@ def test_mfu_peaks_tell_card_variants_apart():
     assert peak_for_name("NVIDIA GeForce RTX 4090") is None
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(pos_emb="xl_relative"), dict(attn_type="differential", pos_emb="rope"),
+@pytest.mark.parametrize("variant", [dict(), dict(pos_emb="xl_relative"),
+                                     dict(attn_type="differential", pos_emb="rope"),
                                      dict(attn_type="mla", pos_emb="rope", kv_lora_rank=8, rope_head_dim=4),
                                      dict(attn_pattern="local", attn_window=5)])
 def test_dropout_acts_only_in_training(variant):

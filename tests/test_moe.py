@@ -37,6 +37,20 @@ def test_one_expert_with_top_1_is_the_dense_mlp(activation):
     torch.testing.assert_close(moe(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_shared", [1, 2])
+def test_shared_experts_add_one_ordinary_mlp_to_the_routed_sum(n_shared):
+    """moe_shared always-on experts: the output is the routed experts' gated sum plus one MLP of n_shared x
+    moe_expert_dim, which sees every token."""
+    torch.manual_seed(6)
+    moe = MoE(small(moe_shared=n_shared))
+    x = torch.randn(2, 11, 20)
+    flat = x.reshape(-1, 20)
+    _, choice, gates = moe.route(flat)
+    assert moe.shared.proj.weight.shape == (20, 12 * n_shared)
+    torch.testing.assert_close(moe(x).reshape(-1, 20), moe.reference(flat, choice, gates) + moe.shared(flat),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_the_route_bias_moves_the_choice_but_not_the_gates():
     """DeepSeek-V3's balancing bias takes part in selection only: an expert it forces into every token's top k is
     weighted by its router probability alone, and the other experts keep theirs."""
@@ -107,6 +121,20 @@ def test_auto_dispatch_takes_the_grouped_matmul_where_torch_runs_it(monkeypatch)
         MoE(small(moe_dispatch="grouped")).double()(torch.randn(2, 11, 20, dtype=torch.float64))
 
 
+def test_on_cuda_the_grouped_matmul_needs_bf16_and_sm80_or_newer(monkeypatch):
+    """The capability table behind auto on CUDA (the card faked: no GPU needed); other device types: padded."""
+    from types import SimpleNamespace
+    from model.moe import grouped_supported
+    cuda = torch.device("cuda")
+    for major, runs in [(7, False), (8, True), (9, True), (10, True)]:
+        card = SimpleNamespace(major=major)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, card=card: card)
+        assert grouped_supported(cuda, torch.bfloat16, 24, 32, 16) is runs
+        assert not grouped_supported(cuda, torch.float32, 24, 32, 16)
+        assert not grouped_supported(cuda, torch.bfloat16, 20, 32, 16)  # 40-byte rows
+    assert not grouped_supported(torch.device("meta"), torch.bfloat16, 24, 32, 16)
+
+
 def test_the_dispatch_compiles_with_fullgraph():
     """fp32: compiled, auto takes the padded dispatch (torch's grouped matmul compiles only in bf16); bf16 rows of
     16-byte multiples: the grouped one, compiled against eager within bf16 rounding."""
@@ -139,6 +167,20 @@ def test_the_balance_loss_and_router_gradients():
     assert float(loss) > float(plain)
     loss.backward()
     assert all(float(m.router.weight.grad.abs().max()) > 0 for m in model.moe_layers)
+
+
+@pytest.mark.parametrize("balance,training,joins", [("aux_loss", True, True), ("aux_loss", False, False),
+                                                    ("bias", True, False)])
+def test_the_balance_loss_joins_the_loss_only_when_training_with_aux_loss(balance, training, joins):
+    """The model's loss is its heads' weighted loss plus aux_weight x the balance loss of every MoE layer in training
+    with aux_loss balancing, and the heads' loss alone in evaluation or with bias balancing."""
+    torch.manual_seed(5)
+    model = GPT(small(n_layer=3, moe_balance=balance, moe_aux_weight=0.3)).train(training)
+    x, y = torch.randint(0, 256, (3, 11)), torch.randint(0, 256, (3, 11))
+    loss, per_head = model(x, y, torch.tensor([1.0]))
+    balance_terms = sum(0.3 * moe.routing.balance for moe in model.moe_layers) if joins else 0.0
+    assert len(model.moe_layers) == 3 and all(float(moe.routing.balance) > 0.5 for moe in model.moe_layers)
+    torch.testing.assert_close(loss.detach(), per_head[0] + balance_terms, rtol=1e-6, atol=0)
 
 
 def test_bias_balancing_evens_out_a_skewed_router():

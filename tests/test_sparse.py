@@ -56,6 +56,21 @@ def test_flex_attention_equals_the_dense_mask(kind):
 
 
 @pytest.mark.parametrize("kind", PATTERNS)
+def test_flex_block_mask_computes_exactly_the_non_empty_blocks_of_each_head(kind):
+    """The CUDA kernel computes only the blocks the block mask marks (a CPU's flex evaluates every element, so the
+    test above cannot see this): each head's marked 128 x 128 tiles are those where its dense mask allows a pair."""
+    T, tile = 300, 128
+    pattern = SparsePattern(small(attn_pattern=kind, block_size=T))
+    n = -(-T // tile)
+    dense = torch.nn.functional.pad(pattern.mask(T, "cpu"), (0, n * tile - T, 0, n * tile - T))
+    occupied = dense.view(-1, n, tile, n, tile).any(dim=4).any(dim=2)  # (heads, query tiles, key tiles)
+    marked = pattern.block_mask(T, "cpu").to_dense()[0].bool()
+    assert marked.shape == occupied.shape == ((1 if kind == "local" else 4), n, n)
+    assert torch.equal(marked, occupied)
+    assert kind == "local" or not torch.equal(occupied[0], occupied[-1])  # the two halves skip different tiles
+
+
+@pytest.mark.parametrize("kind", PATTERNS)
 @pytest.mark.parametrize("pos_emb", ["rope", "learned", "xl_relative"])
 def test_no_output_sees_a_later_byte(kind, pos_emb):
     torch.manual_seed(2)
