@@ -75,6 +75,10 @@ def test_the_blocks_matrices_go_to_muon_and_everything_else_to_adamw():
     assert all(g["lr_scale"] == pytest.approx(t.muon_lr / t.lr) for g in opt.param_groups if g["muon"])
     others = {names[id(p)] for g in opt.param_groups if not g["muon"] for p in g["params"]}
     assert {"tok_emb.weight", "heads.main", "blocks.0.pos.weight", "norm_f.weight"} <= others
+    decay = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay["tok_emb.weight"] == decay["blocks.0.attn.qkv.weight"] == t.weight_decay > 0
+    assert decay["norm_f.weight"] == decay["blocks.0.attn.qkv.bias"] == 0.0  # gains and biases never decay
+    assert all(g["lr_scale"] == 1.0 for g in opt.param_groups if not g["muon"])  # AdamW's groups: train.lr itself
 
 
 def test_its_adamw_half_matches_torch_adamw():

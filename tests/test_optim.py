@@ -1,6 +1,7 @@
-"""The optimisers' construction: AdamW and Adam take their fused form on a CPU too, and step as the for-each
-form does; the learning-rate schedule."""
+"""The optimisers' construction: AdamW and Adam take their fused form on a CPU too (not with FSDP or elsewhere),
+and step as the for-each form does; IVON's sample size and its gradient samples; the learning-rate schedule."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -30,6 +31,28 @@ def test_adam_is_fused_on_a_cpu_and_steps_like_the_for_each_form(name, cls):
     for p, q, before in zip(model.parameters(), reference.parameters(), start.parameters()):
         assert not torch.equal(p, before)
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # FSDP's sharded parameters and devices without a fused kernel take the default form
+    assert build_optimizer(model, dataclasses.replace(t, fsdp=True), train_bytes=1000).defaults["fused"] is None
+    assert build_optimizer(copy.deepcopy(model).to("meta"), t, train_bytes=1000).defaults["fused"] is None
+
+
+def test_ivon_samples_the_weights_in_each_step_and_learns_from_the_samples():
+    """train.ivon_ess=0 means the training split's size; sampling() draws a weight sample for the forward and
+    backward and hands its gradient to IVON, whose step then moves the mean weights."""
+    from train.optim import sampling
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, d_ff=24, block_size=8))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="ivon", ivon_ess=0, lr=0.1), train_bytes=12345)
+    assert {g["ess"] for g in optimizer.param_groups} == {12345.0}
+    assert build_optimizer(model, TrainConfig(optimizer="ivon", ivon_ess=500), 12345).param_groups[0]["ess"] == 500
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randint(0, 256, (2, 8))
+    with sampling(optimizer):
+        loss, _ = model(x, torch.roll(x, -1, 1), torch.tensor([1.0]))
+        loss.backward()
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # the mean is back
+    optimizer.step()
+    assert not torch.equal(model.heads.main, before["heads.main"])
 
 
 def test_the_schedule_warms_up_from_the_first_step_then_decays_or_stays():
