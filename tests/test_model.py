@@ -207,3 +207,26 @@ def test_dropout_acts_only_in_training(variant):
     x = torch.randint(0, 256, (2, 12))
     torch.testing.assert_close(dropped.eval()(x), plain.eval()(x), rtol=0, atol=0)
     assert not torch.allclose(dropped.train()(x), plain(x))
+
+
+def test_rotary_turns_each_channel_pair_by_position_times_its_frequency():
+    """RoPE (Su et al. 2021), half-split layout: channels i and i + d/2 at position m turn by m * 10000^(-2i/d),
+    (a, b) -> (a cos - b sin, b cos + a sin); explicit positions (a KV cache's) index the same angles."""
+    from model.layers import Rotary
+    torch.manual_seed(0)
+    d, T = 8, 7
+    rotary = Rotary(d, block_size=T)
+    x = torch.randn(2, 3, T, d)
+
+    def expected(positions):
+        out = torch.empty_like(x)
+        for t, m in enumerate(positions):
+            for i in range(d // 2):
+                angle = torch.tensor(m * 10000 ** (-2 * i / d))
+                a, b = x[..., t, i], x[..., t, i + d // 2]
+                cos, sin = angle.cos(), angle.sin()
+                out[..., t, i], out[..., t, i + d // 2] = a * cos - b * sin, b * cos + a * sin
+        return out
+    torch.testing.assert_close(rotary(x), expected(range(T)), rtol=1e-5, atol=1e-5)
+    positions = [3, 0, 13, 9, 1, 12, 5]  # up to 2 x block_size - 1: a window and a chunk of the cache
+    torch.testing.assert_close(rotary(x, torch.tensor(positions)), expected(positions), rtol=1e-5, atol=1e-5)
