@@ -6,6 +6,7 @@ dataset's identity and the git SHA of the code that wrote it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -53,6 +54,10 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on damaged files
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # weights_only refused an object in it
+        if pickled:
+            raise ConfigError(f"{path} holds a pickled {pickled.group(1)}, which charlm checkpoints never do; "
+                              f"refused: unpickling objects could run code") from None
         raise ConfigError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})"[:300]) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ConfigError(f"{path} is not a charlm checkpoint")
