@@ -62,11 +62,12 @@ def ce(logits, y, k):
     return F.cross_entropy(logits[:, : T - k + 1].flatten(0, 1), y[:, k - 1:].flatten())
 
 
+@pytest.mark.parametrize("n_layer", [2, 3])
 @pytest.mark.parametrize("intermediate_targets", [1, 2])
-def test_model_loss_matches_heads_scored_one_by_one(intermediate_targets):
+def test_model_loss_matches_heads_scored_one_by_one(intermediate_targets, n_layer):
     torch.manual_seed(0)
     cfg = small(intermediate_loss=True, n_targets=2, target_weights=(1.0, 0.5),
-                intermediate_targets=intermediate_targets)
+                intermediate_targets=intermediate_targets, n_layer=n_layer)
     model = GPT(cfg).eval()
     with torch.no_grad():
         model.heads.bias.normal_()  # zero at init: make the layout of the biases visible too
@@ -90,6 +91,9 @@ def test_model_loss_matches_heads_scored_one_by_one(intermediate_targets):
     expect.append(ce(final @ heads.main.t() + heads.bias[head], y, 1))
     expect.append(ce(final @ heads.extra[0].t() + heads.bias[head + 1], y, 2))
     assert len(expect) == len(hw) == (cfg.n_layer - 1) * intermediate_targets + 2
+    names = [f"L{l + 1}/t+{k}" for l in range(cfg.n_layer - 1) for k in range(1, intermediate_targets + 1)]
+    assert heads.names(with_inter=True) == names + ["final/t+1", "final/t+2"]  # the logs' per-head keys
+    assert heads.names(with_inter=False) == ["final/t+1", "final/t+2"]
     torch.testing.assert_close(per_head, torch.stack(expect).detach())
     torch.testing.assert_close(loss, (hw * torch.stack(expect)).sum())
     # evaluation: logits of the t+1 head, and its loss alone
