@@ -189,3 +189,13 @@ def test_a_study_runs_records_a_failure_survives_a_kill_and_its_tables_match_its
     assert (out / "base-s0" / "metrics.jsonl").stat().st_mtime_ns == before
     changed = run_cli(*args[2:], "--base.train.lr=0.01", module="train.ablate")
     assert changed.returncode == 2 and "was run with other settings (train.lr differs)" in changed.stderr
+
+
+def test_a_run_killed_in_the_middle_of_a_line_is_unfinished_not_an_error(tmp_path):
+    """What decides whether a study reruns a run: an end event in its metrics.jsonl, read past a torn last line."""
+    finished = ablate.finished
+    assert not finished(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"event": "start"}\n{"step": 5, "train_loss": 3.1}\n{"step": 10, "tr')
+    assert not finished(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"event": "start"}\n{"step": 5, "train_loss": 3.1}\n{"event": "end"}\n')
+    assert finished(tmp_path)

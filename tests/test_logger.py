@@ -8,6 +8,7 @@ import time
 import tqdm as tqdm_module
 
 from train import logger
+from train.config import LogConfig
 
 
 class TimedStream:
@@ -76,3 +77,21 @@ def test_the_end_of_run_summary_names_the_curves_only_when_they_were_drawn(tmp_p
     missing = logger.summary(tmp_path, end, {"name": "sample"}, "no curves.png: plotting needs matplotlib").splitlines()
     assert missing[2:4] == [f"run folder: {tmp_path}  (config.json, metrics.jsonl, ckpt.pt)",
                             "  no curves.png: plotting needs matplotlib"]
+
+
+def test_a_resume_drops_the_lines_after_its_checkpoint_and_a_torn_last_line(tmp_path):
+    """A run killed after its checkpoint at step 20 logged steps 30 and 40 and tore the line of step 50: the resumed
+    run keeps the events and steps up to 20, then appends; a log with nothing to drop is left as it is."""
+    path = tmp_path / "metrics.jsonl"
+    kept = ['{"event": "start", "config": {}}', '{"step": 10, "train_loss": 3.0}', '{"step": 20, "val_bpc": 2.5}']
+    path.write_text("\n".join(kept + ['{"step": 30, "train_loss": 2.0}', '{"step": 40, "train_loss": 1.9}',
+                                      '{"step": 50, "train_lo']))
+    log = logger.MetricsLog(tmp_path, LogConfig(), enabled=True, run_config={}, resume_step=20)
+    log.write({"step": 21, "train_loss": 2.4})
+    log.close()
+    assert path.read_text() == "\n".join(kept + ['{"step": 21, "train_loss": 2.4}']) + "\n"
+    before = path.stat().st_mtime_ns
+    assert logger.truncate_after(path, 21) == 0 and path.stat().st_mtime_ns == before
+    assert logger.truncate_after(tmp_path / "missing.jsonl", 5) == 0
+    logger.MetricsLog(tmp_path / "off", LogConfig(), enabled=False, run_config={}, resume_step=None).write({"step": 1})
+    assert not (tmp_path / "off").exists()  # ranks other than the main one write nothing

@@ -91,12 +91,16 @@ def test_a_training_run_ends_with_its_curves_in_its_folder(small_corpus, tmp_pat
 
 
 def test_the_run_curves_never_fail_a_finished_run(tmp_path, monkeypatch):
-    """Without matplotlib, or with metrics the plot cannot read, write_run_curves returns a line saying why."""
+    """Without matplotlib, or with metrics the plot cannot read, write_run_curves returns a line saying why; a last
+    line torn by a crash is left out (what a killed run leaves)."""
     import sys
 
     from train.plot import write_run_curves
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"torn')
-    assert write_run_curves(tmp_path).startswith("warning: curves.png not written (JSONDecodeError")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "train_loss": 4.0}\n{"torn')
+    assert write_run_curves(tmp_path) is None and (tmp_path / "curves.png").stat().st_size > 1000
+    (tmp_path / "curves.png").unlink()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": "five"}\n')
+    assert write_run_curves(tmp_path).startswith("warning: curves.png not written (TypeError")
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert write_run_curves(tmp_path) == "no curves.png: plotting needs matplotlib (pip install matplotlib)"
     assert not (tmp_path / "curves.png").exists()

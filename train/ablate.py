@@ -32,7 +32,7 @@ from train.ablate_report import build_report
 from train.config import ConfigError
 from train.hardware import device_name
 from train.lock import RunLock
-from train.logger import progress_bar
+from train.logger import progress_bar, read_metrics
 from train.studies import (NOTES_BUDGET, PlannedRun, Study, from_table, from_toml, notes, parse_vary, plan,
                            study_dict)
 
@@ -57,7 +57,7 @@ LOCK_WAIT_S = 120.0  # how long a run waits for its folder's lock (a previous st
 
 def finished(folder: Path) -> bool:
     path = folder / "metrics.jsonl"
-    return path.exists() and any(json.loads(l).get("event") == "end" for l in path.read_text().splitlines() if l)
+    return path.exists() and any(record.get("event") == "end" for record in read_metrics(path))
 
 
 def error_line(log: Path, exit_code: int) -> str:

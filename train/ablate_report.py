@@ -12,11 +12,9 @@ import math
 import statistics
 from pathlib import Path
 
+from train.logger import read_metrics
+
 SIGNIFICANCE_SDS = 2.0  # a delta is named better / worse only beyond this many sd of the base's seed spread
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def tokens_per_step(config: dict) -> int:
@@ -34,7 +32,7 @@ def run_row(out: Path, run: dict) -> dict:
         return row | {"status": "failed", "error": failure["error"], "exit_code": failure["exit_code"]}
     if not (folder / "metrics.jsonl").exists():
         return row
-    lines = read_jsonl(folder / "metrics.jsonl")
+    lines = read_metrics(folder / "metrics.jsonl")
     config = lines[0]["config"]
     steps = [r for r in lines if "event" not in r]
     end = next((r for r in reversed(lines) if r.get("event") == "end"), None)
@@ -55,7 +53,7 @@ def curve(out: Path, run_name: str) -> tuple[list[tuple[int, float]], list[tuple
     path = out / run_name / "metrics.jsonl"
     if not path.exists():
         return [], []
-    lines = read_jsonl(path)
+    lines = read_metrics(path)
     per_step = tokens_per_step(lines[0]["config"])
     running = [(r["step"] * per_step, r["val_bpc"]) for r in lines if "event" not in r and "val_bpc" in r]
     final = [(r["step"] * per_step, r["full_val_bpc"]) for r in lines

@@ -13,13 +13,27 @@ from tqdm import tqdm
 from train.config import LogConfig
 
 
+def parses(line: str) -> dict | None:
+    """The record of one metrics.jsonl line, or None for a line torn by a crash in the middle of its write."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every record of a metrics.jsonl, less a line torn by a crash (plots, studies and reports read through this)."""
+    return [record for line in path.read_text().splitlines() if line.strip() and (record := parses(line)) is not None]
+
+
 def truncate_after(path: Path, step: int) -> int:
     """Drop the step lines written after `step` (a run that died after its last checkpoint wrote them; the resumed
-    run writes them again). Returns how many were dropped. Rewrites the file atomically."""
+    run writes them again) and a line its death tore. Returns how many were dropped. Rewrites the file atomically."""
     if not path.exists():
         return 0
     lines = path.read_text().splitlines()
-    keep = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+    keep = [l for l in lines if (record := parses(l)) is not None and record.get("step", 0) <= step]
     if len(keep) == len(lines):
         return 0
     tmp = path.with_name(path.name + ".tmp")

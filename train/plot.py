@@ -10,17 +10,18 @@ layer), against steps. Reads each run's metrics.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+from train.logger import read_metrics
 
 
 def load_run(run_dir: Path) -> dict:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     steps = [r for r in rows if "event" not in r]
     series = {}
     for key, scale in (("train_loss", 1 / math.log(2)), ("val_bpc", 1.0), ("full_val_bpc", 1.0)):
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         runs = [load_run(Path(r)) for r in args.runs]
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+    except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
