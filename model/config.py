@@ -10,6 +10,8 @@ from typing import Literal
 
 
 LOW_RANK_TARGETS = ("qkv", "attn_out", "mlp_in", "mlp_out")  # the projections model.low_rank can factor
+# fields that choose how the same weights are computed or regularised, not what they are: a resume may change them
+IMPLEMENTATION_FIELDS = ("attention", "kernels", "loss_impl", "moe_dispatch", "dropout")
 
 
 def default_target_weights(n_targets: int) -> tuple[float, ...]:

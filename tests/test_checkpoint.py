@@ -10,6 +10,7 @@ import torch
 
 import train.checkpoint as checkpoint
 from model import GPT, ModelConfig
+from model.config import IMPLEMENTATION_FIELDS
 from train.checkpoint import (check_resumable, dataset_change, git_sha, load_checkpoint, load_model_state,
                               save_checkpoint)
 from train.config import ConfigError, tiny
@@ -79,15 +80,27 @@ def changed(cfg, **sections):
 
 @pytest.mark.parametrize("sections,message", [
     (dict(model=dict(d_model=48)), r"another architecture \(model.d_model: checkpoint 32 vs 48\)"),
-    (dict(model=dict(dropout=0.1)), r"another architecture \(model.dropout"),
+    (dict(model=dict(n_layer=3, kernels="triton")), r"another architecture \(model.n_layer: checkpoint 2 vs 3\)"),
     (dict(train=dict(optimizer="sgd")), "holds adamw state; it cannot resume with train.optimizer=sgd"),
     (dict(train=dict(seed=1)), r"train.seed cannot change on --resume \(checkpoint 1337\)"),
     (dict(data=dict(order="streams")), r"reads random windows resumes reading them: data.order \(auto\)"),
-], ids=["architecture", "dropout", "optimizer", "seed", "order"])
+], ids=["architecture", "architecture-and-kernels", "optimizer", "seed", "order"])
 def test_a_resume_refuses_what_the_checkpoint_fixes(sections, message):
     saved = tiny()
     with pytest.raises(ConfigError, match=message):
         check_resumable(saved, changed(saved, **sections), "ckpt.pt")
+
+
+@pytest.mark.parametrize("field,value", [("attention", "math"), ("kernels", "triton"), ("loss_impl", "fused"),
+                                         ("moe_dispatch", "padded"), ("dropout", 0.2)])
+def test_a_resume_may_change_how_the_same_weights_are_computed(field, value):
+    """A run trained on a CPU with torch's kernels resumes on a GPU with Triton's, flash attention or dropout: the
+    implementation fields leave the weights as they are (the checkpoint's state loads strictly)."""
+    saved = changed(tiny(), model=dict(norm="rmsnorm", activation="swiglu", moe_experts=3, moe_top_k=1))
+    current = changed(saved, model={field: value})
+    assert field in IMPLEMENTATION_FIELDS and getattr(current.model, field) != getattr(saved.model, field)
+    check_resumable(saved, current, "ckpt.pt")
+    GPT(current.model).load_state_dict(GPT(saved.model).state_dict())
 
 
 def test_a_resume_may_change_the_schedule_the_budget_and_a_windows_batch_but_not_a_streams_batch():

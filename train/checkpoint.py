@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from model import GPT
+from model.config import IMPLEMENTATION_FIELDS
 from train.config import Config, ConfigError, from_dict, reads_streams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,10 +66,12 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def check_resumable(saved: Config, current: Config, path: Path) -> None:
-    """What a resume may not change (a one-line ConfigError each): the architecture, the optimiser (its state's
-    kind), the seed (the random streams continue from the checkpoint) and the sampler (random windows or contiguous
-    streams, whose rows own stream positions and memories, so their number stays too)."""
-    diff = [k for k, v in vars(saved.model).items() if getattr(current.model, k) != v]
+    """What a resume may not change (a one-line ConfigError each): the architecture (model.* but the
+    IMPLEMENTATION_FIELDS: attention backend, kernels, loss implementation, MoE dispatch, dropout), the optimiser (its
+    state's kind), the seed (the random streams continue from the checkpoint) and the sampler (random windows or
+    contiguous streams, whose rows own stream positions and memories, so their number stays too)."""
+    diff = [k for k, v in vars(saved.model).items()
+            if k not in IMPLEMENTATION_FIELDS and getattr(current.model, k) != v]
     if diff:
         pairs = ", ".join(f"model.{k}: checkpoint {getattr(saved.model, k)!r} vs {getattr(current.model, k)!r}"
                           for k in diff[:3])
