@@ -116,12 +116,26 @@ def test_exported_model_matches_charlm_without_charlm(tmp_path, shape, architect
     (dict(bias=False), "model.bias=false"),
     (dict(low_rank=8), "model.low_rank=8"),
     (dict(ngram_max=3), "model.ngram_max=3"),
+    (dict(moe_experts=2, moe_top_k=1), "model.moe_experts=2 (mixture of experts)"),  # was a KeyError traceback
+    (dict(n_layer=3, hourglass=(1, 1, 1)), "model.hourglass=1,1,1"),  # was written as a plain (wrong) GPT-2
 ])
 def test_unmappable_features_are_named_in_one_line(tmp_path, shape, feature):
     r = run_cli("--ckpt", str(checkpoint(tmp_path, **shape)), "--to", "hf", "--out", str(tmp_path / "hf"),
                 module="train.export")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and feature in r.stderr, r.stderr
     assert "no exact counterpart" in r.stderr and not (tmp_path / "hf").exists()
+
+
+def test_an_export_whose_logits_differ_from_the_checkpoints_is_not_written(tmp_path, monkeypatch):
+    """The last guard, for a feature the refusals above do not know yet: the export's logits are compared with
+    the checkpoint's on a probe before anything is written (an hourglass let through maps onto a plain GPT-2)."""
+    from train import export
+    require_transformers()
+    monkeypatch.setattr(export, "first_unmappable", lambda cfg, state: (None, "gpt2"))
+    with pytest.raises(ConfigError, match=r"the gpt2 model's logits differ from the checkpoint's by up to .*; "
+                                          r"nothing written"):
+        export.export_hf(checkpoint(tmp_path, n_layer=3, hourglass=(1, 1, 1)), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_nonzero_head_bias_is_refused(tmp_path):

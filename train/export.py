@@ -10,10 +10,11 @@ without charlm installed (config.json, model.safetensors, a byte-level tokenizer
   exact GELU or ReLU MLP;
 - Llama (LlamaForCausalLM): RMSNorm, SwiGLU, RoPE (half-split, base 10000), no biases;
 
-both with plain residuals, standard dense attention, no memory, the t+1 head tied or untied, its bias zero or
-absent. Anything else is refused with a one-line error naming the first feature without an exact counterpart;
-auxiliary heads (t+2.., intermediate layers) are training-only and dropped with a note. Needs `transformers`
-(only here: training and evaluation do not).
+both with plain residuals, standard dense attention, dense MLPs, every block at full resolution, no memory, the
+t+1 head tied or untied, its bias zero or absent. Anything else is refused with a one-line error naming the first
+feature without an exact counterpart; auxiliary heads (t+2.., intermediate layers) are training-only and dropped
+with a note. Before writing, the export's logits are checked against the checkpoint's on a probe
+(`logit_difference`). Needs `transformers` (only here: training and evaluation do not).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def first_unmappable(cfg: ModelConfig, state: dict) -> tuple[str | None, str]:
               (cfg.mem_len > 0, f"model.mem_len={cfg.mem_len} (Transformer-XL memory)"),
               (cfg.low_rank > 0, f"model.low_rank={cfg.low_rank} (factored projections)"),
               (cfg.ngram_max > 1, f"model.ngram_max={cfg.ngram_max} (hashed n-gram input embeddings)"),
+              (cfg.moe_experts > 0, f"model.moe_experts={cfg.moe_experts} (mixture of experts)"),
+              (bool(cfg.hourglass), f"model.hourglass={','.join(map(str, cfg.hourglass))} (shortened blocks)"),
               (cfg.head_bias and bool(state["heads.bias"][cfg.n_intermediate_heads].any()),
                "a non-zero bias in the t+1 head (train with model.head_bias=false to export)")]
     if target == "gpt2":
@@ -138,6 +141,24 @@ def require_transformers() -> None:
         raise ConfigError("exporting needs transformers: pip install 'transformers<5.25'") from None
 
 
+def logit_difference(cfg: ModelConfig, state: dict, hf_model) -> float:
+    """The largest difference between the t+1 logits of the checkpoint's model and of its export on a probe of
+    random bytes (fp32, relative to the largest logit): ~1e-6 for an exact mapping, the check that nothing was
+    missed. Computed with torch's kernels and SDPA (the same weights: model.IMPLEMENTATION_FIELDS)."""
+    import dataclasses
+
+    import torch
+
+    from model import GPT
+    ours = GPT(dataclasses.replace(cfg, kernels="torch", attention="sdpa"))
+    ours.load_state_dict(state)
+    probe = torch.randint(0, 256, (2, min(cfg.block_size, 64)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours.float().eval()(probe)
+        got = hf_model.float().eval()(input_ids=probe).logits
+    return float((got - expected).abs().max() / expected.abs().max().clamp(min=1.0))
+
+
 def export_hf(ckpt_path: Path, out: Path, overwrite: bool = False) -> dict:
     """Write the HF model of a checkpoint into `out`; returns what was done (architecture, dropped heads)."""
     from train.checkpoint import load_checkpoint
@@ -161,6 +182,10 @@ def export_hf(ckpt_path: Path, out: Path, overwrite: bool = False) -> dict:
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight") and "attn.bias" not in k]
     if missing or unexpected:
         raise ConfigError(f"internal: the {target} mapping missed {missing[:3]} / left {unexpected[:3]}")
+    difference = logit_difference(cfg, state, model)
+    if difference > 1e-4:
+        raise ConfigError(f"internal: the {target} model's logits differ from the checkpoint's by up to "
+                          f"{difference:.2g} (relative) on a probe; nothing written")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
