@@ -234,3 +234,17 @@ def test_rotary_turns_each_channel_pair_by_position_times_its_frequency():
     torch.testing.assert_close(rotary(x), expected(range(T)), rtol=1e-5, atol=1e-5)
     positions = [3, 0, 13, 9, 1, 12, 5]  # up to 2 x block_size - 1: a window and a chunk of the cache
     torch.testing.assert_close(rotary(x, torch.tensor(positions)), expected(positions), rtol=1e-5, atol=1e-5)
+
+
+def test_depth_scaled_residuals_scale_both_branches_of_every_block_by_one_over_sqrt_2n():
+    """model.residual_scale=depth-scaled: x + s attn(norm1(x)), then + s mlp(norm2(.)), s = 1/sqrt(2 n_layer)."""
+    torch.manual_seed(0)
+    plain = GPT(small(n_layer=4)).eval()
+    scaled = GPT(small(n_layer=4, residual_scale="depth-scaled")).eval()
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 12, 16)
+    s = 1 / math.sqrt(8)
+    for block in scaled.blocks:
+        h = x + s * block.attn(block.norm1(x))
+        torch.testing.assert_close(block(x), h + s * block.mlp(block.norm2(h)), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(scaled.blocks[0](x), plain.blocks[0](x))
