@@ -72,6 +72,10 @@ def test_study_tables_companion_values_and_bad_studies():
         plan(Study(preset="tiny", factors=[parse_vary("model.norm=rmsnorm")], grid=("model.norm", "train.lr")))
     with pytest.raises(ConfigError, match="unknown entries"):
         from_table({"factor": {}}, "typo")
+    assert from_table({"factors": {"model.norm": "rmsnorm"}}, "plain").seeds == 1  # one seed unless told
+    for bad in ("model.norm", "model.norm=", "model.norm= "):
+        with pytest.raises(ConfigError, match="expected KEY=VALUE1,VALUE2"):
+            parse_vary(bad)
 
 
 def test_the_notes_study_plans_every_knob_of_the_notes():
@@ -199,3 +203,41 @@ def test_a_run_killed_in_the_middle_of_a_line_is_unfinished_not_an_error(tmp_pat
     assert not finished(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"event": "start"}\n{"step": 5, "train_loss": 3.1}\n{"event": "end"}\n')
     assert finished(tmp_path)
+
+
+def test_a_runs_row_and_curve_from_its_folder_in_every_state(tmp_path):
+    """What the report reads from a run folder: pending (nothing yet), failed (failed.json), unfinished (steps, no
+    end; a torn last line), done (the end event's numbers; tokens = steps x batch x grad_accum x block); the curve
+    in tokens, the running validation apart from the whole-split one."""
+    from train.ablate_report import curve, run_row
+    config = {"train": {"batch_size": 4, "grad_accum": 3}, "model": {"block_size": 16}}  # 192 tokens per step
+    start = {"event": "start", "step": 0, "config": config, "git_sha": "abc", "dataset": {"name": "sample"}}
+    steps = [{"step": 10, "train_loss": 3.0, "val_bpc": 4.0}, {"step": 20, "train_loss": 2.5}]
+    end = {"event": "end", "step": 20, "n_params": 999, "tokens_per_s": 50.0, "train_time_s": 7.0,
+           "full_val_bpc": 3.5, "full_val_protocol": "strided", "full_test_bpc": 3.6, "full_test_protocol": "strided"}
+
+    def row(name, lines=None, failed=None):
+        (tmp_path / name).mkdir()
+        if lines is not None:
+            text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in lines)  # a str: a torn line
+            (tmp_path / name / "metrics.jsonl").write_text(text)
+        if failed is not None:
+            (tmp_path / name / "failed.json").write_text(json.dumps(failed))
+        return run_row(tmp_path, {"name": name, "factor": "f", "value": "v", "seed": 1,
+                                  "overrides": {"train.seed": "1338"}})
+    pending = row("pending")
+    assert pending == {"run": "pending", "factor": "f", "value": "v", "seed": 1, "train_seed": 1338,
+                       "status": "pending"}
+    failed = row("failed", [start], {"error": "boom", "exit_code": 3})
+    assert (failed["status"], failed["error"], failed["exit_code"]) == ("failed", "boom", 3)
+    assert row("started", [start])["steps"] == 0
+    unfinished = row("unfinished", [start, *steps, '{"step": 30, "tr'])
+    assert (unfinished["status"], unfinished["steps"]) == ("unfinished", 20)
+    done = row("done", [start, *steps, end])
+    assert done | {"run": None} == pending | {"run": None, "status": "done", "params": 999, "steps": 20,
+                                              "tokens": 20 * 192, "tokens_per_s": 50.0, "train_time_s": 7.0,
+                                              "git_sha": "abc", "dataset": "sample", "full_val_bpc": 3.5,
+                                              "full_val_protocol": "strided", "full_test_bpc": 3.6,
+                                              "full_test_protocol": "strided"}
+    assert curve(tmp_path, "done") == ([(10 * 192, 4.0)], [(20 * 192, 3.5)])
+    assert curve(tmp_path, "pending") == ([], [])
