@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from train.config import (PRESETS, Config, ConfigError, from_dict, help_text, knob_markdown, knob_table, parse_args, to_dict)
+from train.config import (PRESETS, Config, ConfigError, from_dict, help_text, knob_markdown, knob_table, parse_args,
+                          to_dict)
 
 
 def test_overrides_are_typed():
@@ -148,3 +149,50 @@ def test_t12_is_the_papers_model_and_never_trains_on_the_sample():
     assert (cfg.model.n_targets, cfg.model.intermediate_loss, cfg.model.intermediate_targets) == (2, True, 2)
     assert cfg.data.source == "enwik8" and cfg.data.fallback is False
     assert PRESETS["cpu"]().data.fallback and PRESETS["tiny"]().data.fallback
+
+
+BASE = dict(n_layer=2, n_head=2, d_model=16, d_ff=32, block_size=16)
+EDGES = [  # (overrides of a small model, the error expected, or None where the edge is still allowed)
+    (dict(n_head=0), "model.n_head must be >= 1"),  # and no division by zero on the way
+    (dict(pos_emb="rope", n_head=1, d_model=15), "needs an even head dimension"),
+    (dict(dropout=0.999), None), (dict(dropout=1.0), "model.dropout must be in [0, 1)"),
+    (dict(n_targets=2, target_weights=(1.0, 0.0), intermediate_weight=0.0), None),
+    (dict(pos_emb="rope", mem_len=8, cmem_len=4, cmem_ratio=1, cmem_weight=0.0), None),
+    (dict(pos_emb="rope", mem_len=6, cmem_len=4, cmem_ratio=4), "must divide model.block_size=16 and model.mem_len=6"),
+    (dict(attn_pattern="local", attn_window=1, attn_stride=1, attn_summary=1), None),
+    (dict(attn_type="differential", pos_emb="rope"), None),
+    (dict(attn_type="mla", pos_emb="rope", kv_lora_rank=1, rope_head_dim=2), None),
+    (dict(attn_type="mla", pos_emb="rope", rope_head_dim=3), "model.rope_head_dim even and >= 2"),
+    (dict(low_rank=4, low_rank_targets=("qkv", "bogus")), "model.low_rank_targets must be"),
+    (dict(moe_experts=2, moe_top_k=2), None),
+    (dict(moe_experts=2, moe_top_k=1, moe_aux_weight=-1.0), "moe_aux_weight and moe_bias_rate must be >= 0"),
+    (dict(hourglass=(1, 1)), "must be three block counts"),
+    (dict(ngram_max=0), "model.ngram_max and model.ngram_buckets must be >= 1"),
+    (dict(ngram_buckets=0), "model.ngram_max and model.ngram_buckets must be >= 1"),
+    (dict(ngram_max=2, ngram_buckets=1), None),
+    (dict(moe_experts=2, moe_top_k=1), None),
+    (dict(n_targets=2, target_weights=(1.0, -0.5)), "loss weights must be >= 0"),
+    (dict(intermediate_weight=-0.1), "loss weights must be >= 0"),
+    (dict(pos_emb="rope", mem_len=8, cmem_len=4, cmem_ratio=0), "model.cmem_ratio >= 1"),
+    (dict(pos_emb="rope", mem_len=8, cmem_len=4, cmem_weight=-1.0), "model.cmem_weight must be >= 0"),
+    (dict(attn_window=0), "must be >= 1, attn_summary <= attn_stride"),
+    (dict(attn_stride=4, attn_summary=5), "must be >= 1, attn_summary <= attn_stride"),
+    (dict(attn_type="differential", pos_emb="rope", n_head=3, d_model=18), "model.n_head=3 must be even"),
+    (dict(attn_type="mla", pos_emb="rope", kv_lora_rank=0), "model.kv_lora_rank must be >= 1"),
+    (dict(attn_type="mla", pos_emb="rope", q_lora_rank=-1), "model.kv_lora_rank must be >= 1"),
+    (dict(moe_experts=2, moe_top_k=0), "model.moe_top_k=0 must be between 1 and model.moe_experts=2"),
+    (dict(moe_experts=2, moe_top_k=3), "model.moe_top_k=3 must be between 1 and model.moe_experts=2"),
+    (dict(n_layer=3, hourglass=(1, 1, 1)), None),
+    (dict(n_layer=2, hourglass=(1, 0, 1)), "must be three block counts"),
+    (dict(n_layer=4, hourglass=(1, 1, 1)), "adding up to model.n_layer=4"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", EDGES, ids=[",".join(f"{k}={v}" for k, v in o.items()) for o, _ in EDGES])
+def test_each_model_check_draws_its_line_where_the_message_says(overrides, message):
+    from model import ModelConfig
+    errors = ModelConfig(**{**BASE, **overrides}).errors()
+    if message is None:
+        assert errors == []
+    else:
+        assert any(message in e for e in errors), errors
