@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from bench.compare import extra_fields
+from train.logger import read_metrics
 
 GOALS = {  # what the issues ask of an H100, checked against the measured ratios where the run has them
     "rmsnorm": "Triton >= 80% of copy bandwidth and never slower than the compiled reference",
@@ -103,7 +104,7 @@ def train_section(out: Path, rc: int, log: Path | None) -> list[str]:
     if not path.exists():
         tail = log.read_text().splitlines()[-15:] if log and log.exists() else []
         return lines + [f"no metrics (exit code {rc})", "", "```", *tail, "```", ""]
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    rows = read_metrics(path)  # a run the suite's timeout killed may have torn its last line
     start, steps = rows[0], [r for r in rows if "event" not in r]
     end = rows[-1] if rows[-1].get("event") in ("end", "interrupted") else {}
     losses = [r["train_loss"] for r in steps if "train_loss" in r]

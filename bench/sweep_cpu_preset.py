@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from train.logger import read_metrics
+
 
 def shape(n_layer: int, d_model: int, block: int, batch: int, lr: float | None = None) -> list[str]:
     """Overrides for one candidate: 64-wide heads, d_ff = 4 d_model; lr None keeps the preset's."""
@@ -49,7 +51,7 @@ def main() -> int:
                "--overwrite", f"--train.max_time={args.budget}", *CANDIDATES[name], *args.extra]
         t0 = time.time()
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
-        lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        lines = read_metrics(run_dir / "metrics.jsonl")
         end = lines[-1]
         row = {"name": name, "overrides": CANDIDATES[name] + args.extra, "budget_s": args.budget,
                "full_val_bpc": end["full_val_bpc"], "steps": end["step"], "n_params": end["n_params"],

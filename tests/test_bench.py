@@ -194,3 +194,18 @@ def test_kernel_measurement_reports_device_and_bandwidth(monkeypatch):
     assert info["name"] == "double" and info["device"] and info["seconds"] > 0
     assert info["gbps"] == pytest.approx(2 * n / info["seconds"] / 1e9)
     assert info["of_copy"] == pytest.approx(2 * n / info["seconds"] / 1e12)
+
+
+def test_the_device_summary_reads_a_training_log_whose_last_line_the_timeout_tore(tmp_path):
+    """The device suite runs under a timeout: the summary still reports the run it cut off."""
+    import json
+
+    from bench.summary import train_section
+    config = {"train": {"precision": "bf16", "compile": True}, "model": {"attention": "sdpa"}}
+    start = {"event": "start", "preset": "t12", "n_params": 44_000_000, "config": config,
+             "dataset": {"name": "enwik8", "bytes": 100_000_000}}
+    steps = [{"step": 10, "train_loss": 2.0, "tokens_per_s": 5000.0}, {"step": 20, "train_loss": 1.5}]
+    (tmp_path / "t12_metrics.jsonl").write_text("\n".join(map(json.dumps, [start, *steps])) + '\n{"step": 30, "tr')
+    text = "\n".join(train_section(tmp_path, 124, None))
+    assert "Preset t12 (44,000,000 parameters, bf16, compile=True, attention=sdpa)" in text and "exit code 124" in text
+    assert "- 20 steps in 0 s; train loss 2.885 -> 2.164 bits/byte" in text
